@@ -1,0 +1,1 @@
+"""The worker's paged KV cache: allocation, sizing, block copy and swap."""

@@ -1,0 +1,146 @@
+"""`raytp` command line: `raytp generate ...` (offline generation)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from driver.config import engine_fields
+
+ENGINE_HELP = {
+    "dtype": "weights/activations dtype: auto (float32 on CPU, checkpoint's or bfloat16 on GPU), "
+             "float32, bfloat16, float16",
+    "max_model_len": "longest prompt + output in tokens (default: the model's limit)",
+    "tokenizer": "tokenizer directory (default: the model directory)",
+    "load_format": "auto: safetensors files; dummy: random weights of the right shapes (benchmarks)",
+    "seed": "engine seed (weights for load_format=dummy, unseeded sampling)",
+    "enforce_eager": "GPU: no CUDA graphs",
+    "block_size": "tokens per KV cache block",
+    "num_gpu_blocks": "KV cache blocks per worker (default: profiled on GPU, from --kv-cache-memory-gb on CPU)",
+    "kv_cache_memory_gb": "KV cache size per worker when the device is the CPU",
+    "gpu_memory_utilization": "fraction of GPU memory the worker may use (weights + activations + KV cache)",
+    "swap_space_gb": "host memory per worker for swapped-out KV blocks",
+    "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes",
+    "tensor_parallel_size": "number of tensor-parallel workers (one GPU or CPU bundle each)",
+    "device": "cpu, cuda or auto",
+    "ray_address": "Ray cluster to join (default: a running local cluster, else start one)",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "most tokens in one step (the token budget)",
+    "enable_chunked_prefill": "split long prompts into chunks that share steps with decodes",
+    "preemption_mode": "when KV blocks run out: recompute or swap",
+}
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", help="Hugging Face checkpoint directory (default: the embedded demo model)")
+    group.add_argument("--config", help="YAML preset (see configs/); flags given here override it")
+    group.add_argument("--tp", dest="tensor_parallel_size", type=int, help="alias of --tensor-parallel-size")
+    for name, default in engine_fields().items():
+        flag = "--" + name.replace("_", "-")
+        kind = type(default) if default is not None else (int if name in ("max_model_len", "num_gpu_blocks") else str)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=ENGINE_HELP.get(name))
+        else:
+            group.add_argument(flag, type=kind, default=None, help=f"{ENGINE_HELP.get(name, '')} (default: {default})")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per completion (default: 32)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=-1)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--n", type=int, default=1, help="completions per prompt")
+    group.add_argument("--sampling-seed", type=int, help="per-request seed: same seed, same tokens")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+    group.add_argument("--min-tokens", type=int, default=0)
+    group.add_argument("--logprobs", type=int, help="also print the top-k logprobs of each token")
+    group.add_argument("--presence-penalty", type=float, default=0.0)
+    group.add_argument("--frequency-penalty", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raytp", description="raytp: a Ray-distributed, tensor-parallel LLM serving engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate", help="generate completions offline",
+        description="Generate completions for one or more prompts and print them. Without --model, "
+                    "an embedded tiny demo model (random weights, real tokenizer) is used.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("prompts", nargs="*", help="prompts (or use --prompt)")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    return parser
+
+
+def _sampling_params(args):
+    from driver.sampling_params import SamplingParams
+    return SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        seed=args.sampling_seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens, logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
+
+
+def _engine_config(args):
+    from driver.config import EngineConfig
+    flags = {k: getattr(args, k) for k in engine_fields() if getattr(args, k, None) is not None}
+    if args.config:
+        return EngineConfig.from_yaml(args.config, **({"model": args.model} if args.model else {}), **flags)
+    model = args.model
+    if model is None:
+        from driver.demo import demo_checkpoint_dir
+        model = demo_checkpoint_dir()
+        print(f"raytp: no --model given, using the embedded demo checkpoint at {model} "
+              f"(a tiny random-weight model: its text is gibberish)", file=sys.stderr)
+    return EngineConfig.create(model, **flags)
+
+
+def cmd_generate(args) -> int:
+    from driver.llm import LLM
+    prompts = list(args.prompts) + list(args.prompt)
+    if not prompts:
+        print("raytp generate: give at least one prompt (positional or --prompt)", file=sys.stderr)
+        return 2
+    params = _sampling_params(args)
+    llm = LLM(config=_engine_config(args))
+    try:
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        else:
+            outs = llm.generate(prompts, params)
+    finally:
+        llm.shutdown()
+    for prompt, out in zip(prompts, outs):
+        for c in out.outputs:
+            if args.json:
+                print(json.dumps({"prompt": prompt, "index": c.index, "text": c.text, "token_ids": c.token_ids,
+                                  "finish_reason": c.finish_reason, "logprobs": c.logprobs}))
+            else:
+                print(f"--- prompt: {prompt!r} [completion {c.index}, {len(c.token_ids)} tokens, "
+                      f"finish: {c.finish_reason}]\n{c.text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate}[args.command](args)
+    except ValueError as e:  # bad input: say what and how to fix, no traceback
+        print(f"raytp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

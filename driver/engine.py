@@ -1,0 +1,153 @@
+"""The engine loop: schedule, broadcast to the workers, update, detokenize, emit.
+
+    so = scheduler.schedule()                  # what runs this step
+    result = executor.execute_model(so)        # every TP rank runs it; rank 0 replies
+    groups = scheduler.update_from_output(so, result)
+    return [make_output(g) for g in groups]    # detokenize, stop strings, outputs
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from driver.config import EngineConfig
+from driver.detokenizer import IncrementalDetokenizer, find_stop
+from driver.metrics import EngineMetrics
+from driver.outputs import CompletionOutput, RequestOutput
+from driver.sampling_params import SamplingParams
+from driver.scheduler import Scheduler
+from driver.sequence import Sequence, SequenceGroup, SequenceStatus
+from driver.tokenizer import encode_prompt, load_tokenizer
+
+logger = logging.getLogger("raytp.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """A worker failed; this engine can serve no more requests."""
+
+
+@dataclass
+class _TextState:
+    detok: IncrementalDetokenizer
+    num_detokenized: int = 0  # output tokens already turned into text
+    text: str = ""  # the completion's text so far, cut at a stop string
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from executor.ray_executor import RayExecutor  # Ray only when an engine is made
+
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model.tokenizer)
+        self.executor = RayExecutor(config)
+        eos = tuple(config.model.arch.eos_token_ids) or _tokenizer_eos(self.tokenizer)
+        self.scheduler = Scheduler(config.scheduler, config.cache, config.model.max_model_len,
+                                   self.executor.num_gpu_blocks, self.executor.num_cpu_blocks,
+                                   eos_token_ids=eos)
+        self.metrics = EngineMetrics()
+        self.groups: dict[str, SequenceGroup] = {}
+        self.texts: dict[str, _TextState] = {}
+        self._ids = itertools.count()
+        self.dead: Exception | None = None
+
+    # ---- requests ----
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        self._check_alive()
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, token_ids = prompt, encode_prompt(self.tokenizer, prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        vocab = self.config.model.arch.vocab_size
+        if not token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        group = SequenceGroup.create(request_id, text, token_ids, params)
+        self.scheduler.add_request(group)  # raises on a prompt longer than max_model_len
+        self.groups[request_id] = group
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is not None:
+            self.scheduler.abort_request(request_id)
+            for seq in group.seqs:
+                self.texts.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the step ----
+
+    def step(self) -> list[RequestOutput]:
+        self._check_alive()
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            return []
+        start = time.perf_counter()
+        try:
+            result = self.executor.execute_model(so)
+        except Exception as e:
+            self._fail(e)
+            raise EngineDeadError(f"the engine stopped: {e}") from e
+        groups = self.scheduler.update_from_output(so, result)
+        self.metrics.record_step(so, result, time.perf_counter() - start, self.scheduler)
+        return [self._make_output(g) for g in groups]
+
+    def _make_output(self, group: SequenceGroup) -> RequestOutput:
+        completions = [self._completion(group, seq) for seq in group.seqs]
+        finished = group.is_finished
+        if finished:
+            self.groups.pop(group.request_id, None)
+            for seq in group.seqs:
+                self.texts.pop(seq.seq_id, None)
+            self.metrics.record_finished(group)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
+                             finished, num_cached_tokens=group.seqs[0].num_cached_tokens)
+
+    def _completion(self, group: SequenceGroup, seq: Sequence) -> CompletionOutput:
+        state = self.texts.get(seq.seq_id)
+        if state is None:
+            state = self.texts[seq.seq_id] = _TextState(IncrementalDetokenizer(
+                self.tokenizer, seq.token_ids[:seq.num_prompt_tokens],
+                group.sampling_params.skip_special_tokens))
+        params = group.sampling_params
+        new_ids = seq.output_token_ids[state.num_detokenized:]
+        if new_ids and seq.status != SequenceStatus.FINISHED_ABORTED:
+            delta = state.detok.step(new_ids)
+            state.num_detokenized += len(new_ids)
+            state.text += delta
+            if params.stop and delta:
+                state.text, stopped = find_stop(state.text, params.stop, len(delta))
+                if stopped:
+                    if not seq.status.is_finished:
+                        self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED)
+        reason = seq.status.value if seq.status.is_finished else None
+        logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
+        return CompletionOutput(seq.seq_index, state.text, list(seq.output_token_ids), reason, logprobs)
+
+    # ---- lifecycle ----
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped earlier: {self.dead}")
+
+    def _fail(self, error: Exception) -> None:
+        self.dead = error
+        logger.error("engine failed: %s", error)
+        self.executor.shutdown()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _tokenizer_eos(tokenizer) -> tuple[int, ...]:
+    return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)

@@ -1,0 +1,103 @@
+"""The offline API, vLLM-shaped:
+
+    from driver import LLM, SamplingParams
+    llm = LLM(model=DIR, tensor_parallel_size=2, device="cpu", dtype="float32")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=16))
+    llm.shutdown()
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from driver.config import EngineConfig
+from driver.engine import LLMEngine
+from driver.outputs import RequestOutput
+from driver.sampling_params import SamplingParams
+from driver.tokenizer import apply_chat_template
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1, device: str = "auto",
+                 dtype: str = "auto", config: EngineConfig | None = None, **kwargs):
+        """`model` is a Hugging Face checkpoint directory (None: the embedded demo model).
+        Other keyword arguments are engine options (see `raytp generate --help`)."""
+        if config is None:
+            if model is None:
+                from driver.demo import demo_checkpoint_dir
+                model = demo_checkpoint_dir()
+            config = EngineConfig.create(model, tensor_parallel_size=tensor_parallel_size,
+                                         device=device, dtype=dtype, **kwargs)
+        self.config = config
+        self.engine = LLMEngine(config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run a batch to completion; outputs come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params; "
+                                 f"pass one SamplingParams or one per prompt")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except Exception:
+            for request_id in ids:  # nothing half-submitted stays behind
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Each conversation goes through the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [apply_chat_template(self.tokenizer, c) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        bar = tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        generated = 0
+        try:
+            while len(done) < len(ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("the engine has no unfinished requests but some never finished")
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        generated += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix(out_tok_s=f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+        except BaseException:
+            for request_id in wanted - done.keys():
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,52 @@
+"""Engine metrics: counters per step, a periodic log line, a snapshot for callers."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("raytp.metrics")
+
+LOG_INTERVAL_S = 5.0
+
+
+@dataclass
+class EngineMetrics:
+    num_steps: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
+    num_generated_tokens: int = 0
+    num_finished: int = 0
+    step_time_s: float = 0.0  # wall time of execute_model (broadcast + workers + reply)
+    worker_time_s: float = 0.0  # rank 0's own time inside execute_model
+    _last_log: float = field(default_factory=time.monotonic)
+    _window: list = field(default_factory=lambda: [0, 0])  # prompt, generated tokens since last log
+
+    def record_step(self, so, result, seconds: float, scheduler) -> None:
+        self.num_steps += 1
+        generated = len(result.sampled_token_ids) if result is not None else 0
+        prompt = so.total_num_scheduled_tokens - generated
+        self.num_prompt_tokens += max(prompt, 0)
+        self.num_generated_tokens += generated
+        self.step_time_s += seconds
+        if result is not None:
+            self.worker_time_s += result.timings.get("worker_step_s", 0.0)
+        self._window[0] += max(prompt, 0)
+        self._window[1] += generated
+        now = time.monotonic()
+        if now - self._last_log >= LOG_INTERVAL_S:
+            span = now - self._last_log
+            logger.info("prompt %.1f tok/s, generation %.1f tok/s | running %d, waiting %d, swapped %d | "
+                        "KV cache %.1f%% used, prefix cache hit rate %.1f%%",
+                        self._window[0] / span, self._window[1] / span, scheduler.num_running,
+                        scheduler.num_waiting, scheduler.num_swapped, 100 * scheduler.gpu_cache_usage,
+                        100 * scheduler.prefix_cache_hit_rate)
+            self._last_log, self._window = now, [0, 0]
+
+    def record_finished(self, group) -> None:
+        self.num_finished += 1
+
+    def snapshot(self) -> dict:
+        return {"steps": self.num_steps, "prompt_tokens": self.num_prompt_tokens,
+                "generated_tokens": self.num_generated_tokens, "finished_requests": self.num_finished,
+                "mean_step_s": self.step_time_s / max(self.num_steps, 1),
+                "mean_worker_step_s": self.worker_time_s / max(self.num_steps, 1)}

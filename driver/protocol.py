@@ -1,0 +1,74 @@
+"""The data boundary between the driver and the workers.
+
+One `SchedulerOutput` goes to every TP worker per step; one `ModelRunnerOutput`
+comes back from rank 0. Plain dataclasses of ints, lists and SamplingParams:
+no tensors and no Sequence objects cross Ray.
+
+The unit on the workers is a *sequence* (`req_id` below is a sequence id; a
+request with n > 1 has n of them). A sequence is sent in full once
+(`NewRequestData`) and afterwards only as a delta (`CachedRequestData`). A
+sequence that finishes, is aborted or is preempted is listed in
+`finished_req_ids` and forgotten by the workers; if it resumes it is sent in
+full again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from driver.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    token_ids: list[int]  # everything known: prompt + output tokens so far
+    num_prompt_tokens: int
+    block_ids: list[int]  # the whole block table
+    num_computed_tokens: int  # tokens whose K/V are already in the cache (prefix hit, swap-in)
+    sampling_params: SamplingParams
+    seq_index: int = 0  # which of the request's n completions (seeds differ per completion)
+    stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) + stop ids: masked before min_tokens
+
+
+@dataclass
+class CachedRequestData:
+    req_id: str
+    new_token_ids: list[int]  # tokens the workers have not seen yet (the ones sampled since)
+    new_block_ids: list[int]  # appended to the block table
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    step_id: int
+    new_reqs: list[NewRequestData] = field(default_factory=list)
+    cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    # The batch, in order: decodes first, then prefill chunks.
+    req_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), copy-on-write
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.req_ids or self.finished_req_ids or self.blocks_to_swap_out)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Rank 0's answer: one sampled token for each sequence whose scheduled tokens
+    reached the end of its known tokens (a partial prefill chunk samples nothing)."""
+
+    step_id: int
+    req_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    # Per sampled token, when its request asked for logprobs: {token_id: logprob} holding
+    # the sampled token and the top-k. Logprobs are of the model's raw distribution.
+    logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # worker-side seconds, for metrics

@@ -1,0 +1,122 @@
+"""Requests and their sequences, as the driver tracks them (no GPU state here)."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from driver.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                        SequenceStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion. Invariant: num_computed_tokens <= len(token_ids); the K/V of
+    tokens [0, num_computed_tokens) live in the blocks of block_table."""
+
+    seq_id: str
+    seq_index: int  # which of the request's n completions
+    token_ids: list[int]
+    num_prompt_tokens: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_tokens_sent: int = 0  # tokens the workers know (0: not known to the workers at all)
+    num_blocks_sent: int = 0  # block-table entries the workers know
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
+    output_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        self.token_ids.append(token_id)
+        self.output_logprobs.append(logprobs)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted by recompute: its K/V is dropped and the workers forget it."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.num_tokens_sent = 0
+        self.num_blocks_sent = 0
+        self.status = SequenceStatus.WAITING
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request: a prompt and its n sequences.
+
+    With n > 1 the request starts with a single parent sequence (index 0). The parent
+    prefills all prompt tokens but the last; then the scheduler forks it into n
+    sequences sharing those blocks (`forked` becomes True), and each sequence computes
+    the last prompt token on its own, which copies the shared, partly filled last
+    block on write.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float = field(default_factory=time.monotonic)
+    forked: bool = False
+    first_token_time: float | None = None
+
+    @staticmethod
+    def create(request_id: str, prompt: str | None, prompt_token_ids: list[int],
+               sampling_params: SamplingParams) -> "SequenceGroup":
+        parent = Sequence(seq_id=f"{request_id}", seq_index=0, token_ids=list(prompt_token_ids),
+                          num_prompt_tokens=len(prompt_token_ids))
+        return SequenceGroup(request_id, prompt, list(prompt_token_ids), sampling_params, [parent],
+                             forked=sampling_params.n == 1)
+
+    @property
+    def prefill_target(self) -> int:
+        """How many tokens the parent may compute before the group must fork."""
+        return len(self.prompt_token_ids) - 1 if not self.forked else len(self.prompt_token_ids)
+
+    def fork(self) -> list[Sequence]:
+        """Create sequences 1..n-1 as copies of the parent (the block table is shared by
+        the caller, which owns reference counts)."""
+        parent = self.seqs[0]
+        children = [Sequence(seq_id=f"{self.request_id}-{i}", seq_index=i,
+                             token_ids=list(parent.token_ids), num_prompt_tokens=parent.num_prompt_tokens,
+                             status=parent.status, num_computed_tokens=parent.num_computed_tokens,
+                             num_cached_tokens=parent.num_cached_tokens)
+                    for i in range(1, self.sampling_params.n)]
+        self.seqs.extend(children)
+        self.forked = True
+        return children
+
+    @property
+    def is_finished(self) -> bool:
+        return self.forked and all(s.status.is_finished for s in self.seqs)
+
+    def unfinished_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.status.is_finished]

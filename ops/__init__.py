@@ -1,0 +1,1 @@
+"""Kernels: plain-torch references (any device) and CuPy raw kernels (CUDA)."""

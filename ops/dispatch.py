@@ -1,0 +1,33 @@
+"""Which implementation of the ops API (see ops/reference.py) runs on a tensor.
+
+The model calls `ops_for(x).rms_norm(...)` etc. and never names an
+implementation, so that the CPU engine and the GPU engine share all model code.
+"""
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from ops import reference
+
+
+@functools.cache
+def _cuda_ops() -> ModuleType | None:
+    """The CuPy kernels' module (same names and signatures as ops.reference), or
+    None while they do not exist. Plug them in here and nowhere else."""
+    return None
+
+
+def ops_for(tensor: torch.Tensor) -> ModuleType:
+    """The ops module for `tensor`'s device: CuPy kernels on CUDA when available,
+    else the plain-torch reference (which runs on any device)."""
+    if tensor.is_cuda:
+        cuda_ops = _cuda_ops()
+        if cuda_ops is not None:
+            return cuda_ops
+    return reference
+
+
+__all__ = ["ops_for"]

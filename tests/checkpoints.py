@@ -1,0 +1,103 @@
+"""Tiny random-weight Hugging Face checkpoints for tests (no model hub needed).
+
+`make_checkpoint(dir, style)` writes a complete checkpoint directory: config,
+safetensors weights (optionally sharded, with an index) and the demo's real
+byte-level BPE tokenizer with its chat template. Models are built with the
+transformers classes themselves, so names, shapes and config fields are exactly
+what a real Llama / Mistral / Qwen2 checkpoint has, and tests can compare
+raytp against transformers token for token.
+
+Weights are N(0, 0.15) (norms near 1, see driver.demo.random_weights): with
+transformers' default std of 0.02 the logits are nearly flat and greedy
+decoding of a random model soon repeats one token, which makes a parity test
+weak. Building one checkpoint takes about 0.3 s once transformers is imported.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from driver.demo import INIT_STD, build_demo_tokenizer, random_weights, stop_token_ids
+
+STYLES = ("llama", "mistral", "qwen2")
+
+# Training the tokenizer is the slow part of a build; saving does not modify it.
+_tokenizer = functools.lru_cache(maxsize=1)(build_demo_tokenizer)
+
+
+def _config(style: str, vocab: int, bos: int, eos: list[int], *, tie_word_embeddings: bool,
+            num_heads: int, num_kv_heads: int, hidden: int, layers: int, intermediate: int,
+            rope_scaling: dict | None, max_position_embeddings: int):
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  intermediate_size=intermediate, max_position_embeddings=max_position_embeddings,
+                  bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=tie_word_embeddings,
+                  rms_norm_eps=1e-5, rope_theta=10000.0)
+    if rope_scaling is not None:
+        common["rope_scaling"] = dict(rope_scaling)
+    if style == "llama":
+        cfg = transformers.LlamaConfig(**common)
+    elif style == "mistral":
+        # No sliding window (as Mistral v0.2+): raytp does not implement one.
+        cfg = transformers.MistralConfig(sliding_window=None, **common)
+    elif style == "qwen2":
+        # Qwen2 always has q/k/v biases; its config has no attention_bias field.
+        cfg = transformers.Qwen2Config(use_sliding_window=False, **common)
+    else:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return cfg
+
+
+def _model_class(style: str):
+    import transformers
+
+    return {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+            "qwen2": transformers.Qwen2ForCausalLM}[style]
+
+
+def make_checkpoint(dir: str, style: str = "llama", *, tie_word_embeddings: bool | None = None,
+                    num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64, layers: int = 2,
+                    intermediate: int = 128, rope_scaling: dict | None = None,
+                    max_position_embeddings: int = 512, seed: int = 0, shards: int = 1) -> str:
+    """Write a tiny `style` checkpoint into `dir` (created if needed); returns `dir`.
+
+    tie_word_embeddings defaults to True for qwen2 and False otherwise.
+    shards > 1 writes model.safetensors.index.json and at least `shards` files.
+    """
+    import torch
+
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if tie_word_embeddings is None:
+        tie_word_embeddings = style == "qwen2"
+    os.makedirs(dir, exist_ok=True)
+    tokenizer = _tokenizer()
+    tokenizer.save_pretrained(dir)
+    eos = stop_token_ids(tokenizer)
+    cfg = _config(style, len(tokenizer), tokenizer.bos_token_id, eos,
+                  tie_word_embeddings=tie_word_embeddings, num_heads=num_heads,
+                  num_kv_heads=num_kv_heads, hidden=hidden, layers=layers,
+                  intermediate=intermediate, rope_scaling=rope_scaling,
+                  max_position_embeddings=max_position_embeddings)
+    # The constructor's own init draws from the global RNG: keep callers' state intact.
+    with torch.random.fork_rng(devices=[]):
+        model = _model_class(style)(cfg).to(torch.float32).eval()
+    # named_parameters() lists a tied lm_head once (as the embedding).
+    params = dict(model.named_parameters())
+    weights = random_weights({n: tuple(p.shape) for n, p in params.items()}, seed=seed, std=INIT_STD)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    model.generation_config.eos_token_id = eos
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    kwargs = {}
+    if shards > 1:
+        total = sum(p.numel() * p.element_size() for p in params.values())
+        kwargs["max_shard_size"] = max(1, total // shards)
+    model.save_pretrained(dir, safe_serialization=True, **kwargs)
+    return dir
+
+
+__all__ = ["make_checkpoint", "STYLES"]

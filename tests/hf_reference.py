@@ -1,0 +1,29 @@
+"""The reference: Hugging Face transformers, float32 on the CPU, greedy, one token at a time."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+@functools.lru_cache(maxsize=8)
+def hf_model(ckpt: str):
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(ckpt: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and the logprob of each under the raw distribution (no KV cache: the
+    whole sequence is recomputed each step, so nothing of ours is shared with it)."""
+    model = hf_model(ckpt)
+    ids = list(prompt_ids)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        lp = torch.log_softmax(logits, dim=-1)
+        tok = int(torch.argmax(logits))
+        tokens.append(tok)
+        logprobs.append(float(lp[tok]))
+        ids.append(tok)
+    return tokens, logprobs

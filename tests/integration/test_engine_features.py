@@ -1,0 +1,93 @@
+"""Sampling features end to end through Ray workers, and the CLI."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from driver import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(llama_ckpt):
+    with LLM(model=llama_ckpt, tensor_parallel_size=2, device="cpu", dtype="float32",
+             max_model_len=256, num_gpu_blocks=128) as engine:
+        yield engine
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
+    crowd = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 3
+    batched = llm.generate(["other", PROMPT, "more text"], [crowd[0], params, crowd[2]], use_tqdm=False)
+    assert batched[1].outputs[0].token_ids == alone
+    other_seed = llm.generate([PROMPT], SamplingParams(temperature=1.0, seed=99, max_tokens=16,
+                                                       ignore_eos=True), use_tqdm=False)
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_differ_when_sampling(llm):
+    [out] = llm.generate([PROMPT], SamplingParams(n=3, temperature=1.5, seed=7, max_tokens=12,
+                                                  ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs) == 3 and len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def _greedy(llm, **kw):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, **kw)
+    return llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    full = _greedy(llm)
+    stop_at = 3
+    stop_id = full.token_ids[stop_at]
+    first = full.token_ids.index(stop_id)
+    stopped = _greedy(llm, stop_token_ids=[stop_id])
+    assert stopped.token_ids == full.token_ids[:first + 1]
+    assert stopped.finish_reason == "stop"
+    late = _greedy(llm, stop_token_ids=[stop_id], min_tokens=first + 3)
+    assert len(late.token_ids) >= first + 3
+    assert stop_id not in late.token_ids[:first + 3]
+
+
+def test_stop_string_ends_text_and_is_excluded(llm):
+    full = _greedy(llm)
+    assert len(full.text) > 12, full.text
+    stop = full.text[6:9]
+    cut = full.text.index(stop)
+    out = _greedy(llm, stop=[stop])
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:cut]
+    assert len(out.token_ids) < len(full.token_ids)
+
+
+def test_max_tokens_and_length_reason(llm):
+    out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_chat_template(llm):
+    [out] = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4, ignore_eos=True),
+                     use_tqdm=False)
+    assert len(out.prompt_token_ids) > 3 and len(out.outputs[0].token_ids) == 4
+
+
+def test_cli_generate_with_embedded_demo(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "driver.cli", "generate", "--max-tokens", "6",
+                           "--device", "cpu", "Hello"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "demo checkpoint" in proc.stderr
+    assert "prompt: 'Hello'" in proc.stdout and "6 tokens" in proc.stdout
+
+
+def test_cli_help_explains():
+    proc = subprocess.run([sys.executable, "-m", "driver.cli", "generate", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--tensor-parallel-size", "--max-tokens", "--preemption-mode", "--model"):
+        assert flag in proc.stdout

@@ -1,0 +1,1 @@
+"""The Ray worker actor: device, process group, model shard, model runner, sampler."""

@@ -1,0 +1,89 @@
+"""Paged attention over one step's flattened batch, and the metadata describing it.
+
+A step's batch is B sequences flattened to T tokens: the first `num_decodes`
+sequences are decodes (one token each), the rest are prefill chunks (a cached
+prefix may precede a chunk). The model runner builds one AttentionMetadata per
+step; every layer reads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ops.dispatch import ops_for
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each token (block * block_size + offset); -1 = padding
+    block_tables: torch.Tensor  # [B, max_blocks] int32: each sequence's blocks, in order
+    context_lens: torch.Tensor  # [B] int32: K/V positions per sequence, this step's tokens included
+    query_start_loc: torch.Tensor  # [B + 1] int32: sequence b's tokens are rows [qsl[b], qsl[b+1])
+    num_decodes: int  # the first num_decodes sequences have exactly one query token
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the paged cache, then attends over the cache.
+
+    Takes q/k/v with rotary already applied; holds no weights (the projections
+    live in the model), so one class serves every layer and TP rank.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.scale = head_dim, scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hk, D] -> [T, Hq, D].
+
+        kv_cache is (key_cache, value_cache), each [num_blocks, Hk, block_size, D],
+        or None for a cache-less run (memory profiling, tests): then every
+        sequence must be all new tokens (context_lens == query lengths).
+        """
+        if kv_cache is None:
+            return _attention_without_cache(q, k, v, meta, self.scale)
+        key_cache, value_cache = kv_cache
+        ops = ops_for(q)
+        ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        return ops.paged_attention(q, key_cache, value_cache, meta.block_tables,
+                                   meta.query_start_loc, meta.context_lens, self.scale)
+
+
+def _attention_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    # Plain torch SDPA per sequence: a profiling run must touch no cache blocks,
+    # and its speed does not matter.
+    out = torch.empty_like(q)
+    starts = meta.query_start_loc.tolist()
+    for b, ctx_len in enumerate(meta.context_lens.tolist()):
+        s, e = starts[b], starts[b + 1]
+        if e - s != ctx_len:
+            raise ValueError("attention without a KV cache needs whole prompts "
+                             f"(sequence {b}: {e - s} tokens, context {ctx_len})")
+        # [1, H, L, D] layout for SDPA
+        qb, kb, vb = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+        ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
+                                            enable_gqa=True)
+        out[s:e] = ob[0].transpose(0, 1)
+    return out
+
+
+__all__ = ["AttentionMetadata", "Attention"]

@@ -1,0 +1,126 @@
+"""Turns one SchedulerOutput into input tensors, runs the model shard, samples on rank 0.
+
+Each worker keeps a copy of every live sequence's state (token ids, block table,
+computed count), created from a NewRequestData and advanced by the deltas of
+CachedRequestData. The batch order is the scheduler's: decodes first (one token
+each), then prefill chunks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from driver.protocol import ModelRunnerOutput, SchedulerOutput
+from driver.sampling_params import SamplingParams
+from workers.attention import AttentionMetadata
+from workers.sampler import Sampler, SamplingRow
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+    seq_index: int
+    stop_token_ids: tuple[int, ...]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled]: the last scheduled token of each sampling seq
+    sample_req_ids: list[str]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list, block_size: int,
+                 device: torch.device, rank: int, seed: int = 0):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.rank = rank
+        self.sampler = Sampler(seed) if rank == 0 else None
+        self.requests: dict[str, CachedRequestState] = {}
+
+    def update_states(self, so: SchedulerOutput) -> None:
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.token_ids), new.num_prompt_tokens, list(new.block_ids),
+                new.num_computed_tokens, new.sampling_params, new.seq_index, tuple(new.stop_token_ids))
+        for delta in so.cached_reqs:
+            state = self.requests[delta.req_id]
+            state.token_ids.extend(delta.new_token_ids)
+            state.block_ids.extend(delta.new_block_ids)
+            state.num_computed_tokens = delta.num_computed_tokens
+
+    def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        states = [self.requests[r] for r in so.req_ids]
+        input_ids, positions, slots, sample_rows, sample_ids = [], [], [], [], []
+        context_lens, query_start, num_decodes = [], [0], 0
+        for state, n in zip(states, so.num_scheduled_tokens):
+            start = state.num_computed_tokens
+            end = start + n
+            pos = np.arange(start, end)
+            table = np.asarray(state.block_ids, dtype=np.int64)
+            input_ids.append(np.asarray(state.token_ids[start:end], dtype=np.int64))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            context_lens.append(end)
+            query_start.append(query_start[-1] + n)
+            if n == 1 and num_decodes == len(context_lens) - 1:  # still in the leading decodes
+                num_decodes += 1
+            if end == len(state.token_ids):  # reached the newest token: its logits are sampled
+                sample_rows.append(query_start[-1] - 1)
+                sample_ids.append(state.req_id)
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_tables = np.zeros((len(states), max_blocks), dtype=np.int32)
+        for i, state in enumerate(states):
+            block_tables[i, :len(state.block_ids)] = state.block_ids
+        to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt, non_blocking=True)
+        meta = AttentionMetadata(
+            slot_mapping=to(np.concatenate(slots), torch.int64),
+            block_tables=to(block_tables, torch.int32),
+            context_lens=to(np.asarray(context_lens), torch.int32),
+            query_start_loc=to(np.asarray(query_start), torch.int32),
+            num_decodes=int(num_decodes),
+            max_query_len=max(so.num_scheduled_tokens),
+            max_context_len=max(context_lens),
+        )
+        return StepInputs(to(np.concatenate(input_ids), torch.int64), to(np.concatenate(positions), torch.int64),
+                          meta, to(np.asarray(sample_rows), torch.int64), sample_ids)
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        t0 = time.perf_counter()
+        self.update_states(so)
+        if not so.req_ids:
+            return ModelRunnerOutput(so.step_id) if self.rank == 0 else None
+        inputs = self.prepare_inputs(so)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if not inputs.sample_req_ids:  # only partial prefill chunks: nothing to sample
+            return ModelRunnerOutput(so.step_id) if self.rank == 0 else None
+        # Every rank joins the logits all-gather; only rank 0 samples and replies.
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
+        if self.rank != 0:
+            return None
+        rows = [self._sampling_row(self.requests[r]) for r in inputs.sample_req_ids]
+        tokens, logprobs = self.sampler(logits, rows)
+        timings = {"worker_step_s": time.perf_counter() - t0}
+        return ModelRunnerOutput(so.step_id, inputs.sample_req_ids, tokens, logprobs, timings)
+
+    @staticmethod
+    def _sampling_row(state: CachedRequestState) -> SamplingRow:
+        return SamplingRow(state.sampling_params, state.seq_index, state.token_ids,
+                           state.num_prompt_tokens, state.stop_token_ids)

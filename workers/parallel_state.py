@@ -1,0 +1,58 @@
+"""The tensor-parallel group: thin wrappers on torch.distributed.
+
+raytp runs tensor parallelism only, so the TP group is the default (world)
+process group: one process per TP rank. Without an initialized group everything
+behaves as TP=1, which lets the model run in a plain process (tests, tools).
+"""
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(backend: str, init_method: str, world_size: int, rank: int,
+                     timeout_s: float = 600.0) -> None:
+    """Join the TP group ("gloo" on CPU, "nccl" on GPU; init_method e.g.
+    "tcp://10.0.0.1:29500"). On GPU, select the device before calling."""
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized in this process")
+    dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size,
+                            rank=rank, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def tp_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over the TP ranks, in place; returns x. A no-op at TP=1."""
+    if tp_size() == 1:
+        return x
+    dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] on each rank -> [..., n * tp_size], rank 0's part first."""
+    size = tp_size()
+    if size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=-1)
+
+
+__all__ = ["init_distributed", "destroy_distributed", "tp_rank", "tp_size", "all_reduce",
+           "all_gather_last_dim"]

@@ -1,0 +1,351 @@
+"""The sampler: logits of the last position of each sequence -> one token each.
+
+Matches vLLM's semantics:
+
+1. Logprobs (when asked) are of the model's *raw* distribution: log_softmax of the
+   logits as they came from the model, before any processing.
+2. Logits processing, in order: min_tokens masking of stop ids, repetition penalty
+   (over prompt + output tokens), frequency and presence penalties (over output tokens).
+3. Greedy rows (temperature ~ 0) take the argmax of the processed logits.
+4. Random rows: temperature scaling, top-k, top-p (renormalised after top-k), min-p,
+   then a draw from the resulting distribution with the exponential race
+   (argmax of probs / Exponential(1) noise), which is equivalent to a categorical draw.
+
+Rows with a seed draw their noise from a generator seeded from
+(seed, seq_index, number of output tokens so far), so their tokens depend neither on
+the rest of the batch nor on the history of the sampler (a re-run or a preempted and
+recomputed sequence draws the same tokens). Unseeded rows share the Sampler's own
+generator (one per device), seeded at construction.
+
+Everything is device-agnostic: tensors stay on `logits.device`; the host is synced once
+per call (the final `.tolist()`), plus once more when logprobs are asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from driver.sampling_params import SamplingParams
+
+# Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing by a
+# tiny temperature overflows the logits.
+SAMPLING_EPS = 1e-5
+_MASK_63 = (1 << 63) - 1
+
+
+@dataclass
+class SamplingRow:
+    """One sequence to sample this step."""
+
+    params: SamplingParams
+    seq_index: int  # which of the request's n completions
+    token_ids: list[int]  # prompt + outputs so far
+    num_prompt_tokens: int
+    stop_token_ids: tuple[int, ...] = ()  # masked (-inf) while num_output_tokens < params.min_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def row_seed(seed: int, seq_index: int, num_output_tokens: int) -> int:
+    """The 63-bit generator seed for one draw of a seeded row. Stable across processes
+    and Python versions (no use of hash())."""
+    digest = hashlib.blake2b(f"{seed}:{seq_index}:{num_output_tokens}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _MASK_63
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < SAMPLING_EPS
+
+
+def has_penalties(params: SamplingParams) -> bool:
+    return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0)
+
+
+def min_tokens_active(row: SamplingRow) -> bool:
+    return row.params.min_tokens > 0 and row.num_output_tokens < row.params.min_tokens
+
+
+def _index(idx: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _per_row(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """[len(token_lists), vocab_size] float32 counts of each token id per row
+    (ids outside [0, vocab_size) are ignored), via one scatter_add."""
+    num_rows = len(token_lists)
+    counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
+    lens = [len(t) for t in token_lists]
+    if sum(lens):
+        tok = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(num_rows, dtype=torch.long),
+                                      torch.tensor(lens, dtype=torch.long))
+        keep = (tok >= 0) & (tok < vocab_size)
+        lin = (row * vocab_size + tok)[keep].to(device, non_blocking=True)
+        counts.scatter_add_(0, lin, torch.ones(lin.shape, dtype=torch.float32, device=device))
+    return counts.view(num_rows, vocab_size)
+
+
+# ----------------------------------------------------------------------- logits processing
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """In place: -inf on the stop ids of rows that have produced fewer than min_tokens."""
+    vocab_size = logits.shape[-1]
+    row_idx: list[int] = []
+    col_idx: list[int] = []
+    for i, r in enumerate(rows):
+        if not min_tokens_active(r):
+            continue
+        for t in set(r.stop_token_ids) | set(r.params.stop_token_ids):
+            if 0 <= t < vocab_size:
+                row_idx.append(i)
+                col_idx.append(t)
+    if row_idx:
+        logits[_index(row_idx, logits.device), _index(col_idx, logits.device)] = float("-inf")
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """In place, on the rows with penalties (others untouched), vLLM's formulas:
+
+    repetition (tokens of prompt + output): logit > 0 -> logit / p, else logit * p
+    frequency:  logit -= f * count_in_output
+    presence:   logit -= p * (count_in_output > 0)
+    """
+    pen_idx = [i for i, r in enumerate(rows) if has_penalties(r.params)]
+    if not pen_idx:
+        return logits
+    device = logits.device
+    vocab_size = logits.shape[-1]
+    pen_rows = [rows[i] for i in pen_idx]
+    full = len(pen_idx) == len(rows)
+    idx_t = None if full else _index(pen_idx, device)
+    x = logits if full else logits.index_select(0, idx_t)
+
+    if any(r.params.repetition_penalty != 1.0 for r in pen_rows):
+        seen = _token_counts([r.token_ids for r in pen_rows], vocab_size, device) > 0
+        rep = _per_row([r.params.repetition_penalty for r in pen_rows], device).unsqueeze(1)
+        rep = torch.where(seen, rep, 1.0)
+        x = torch.where(x > 0, x / rep, x * rep)
+
+    if any(r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0
+           for r in pen_rows):
+        counts = _token_counts([r.output_token_ids for r in pen_rows], vocab_size, device)
+        freq = _per_row([r.params.frequency_penalty for r in pen_rows], device).unsqueeze(1)
+        pres = _per_row([r.params.presence_penalty for r in pen_rows], device).unsqueeze(1)
+        x = x - freq * counts - pres * (counts > 0).to(x.dtype)
+
+    if full:
+        logits.copy_(x)
+    else:
+        logits.index_copy_(0, idx_t, x)
+    return logits
+
+
+def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """A float32 copy of `logits` with min_tokens masking and the penalties applied:
+    what greedy rows take the argmax of. The input is not modified."""
+    x = logits.to(torch.float32, copy=True)
+    apply_min_tokens(x, rows)
+    apply_penalties(x, rows)
+    return x
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor,
+                            top_k: torch.Tensor | None = None,
+                            top_p: torch.Tensor | None = None,
+                            min_p: torch.Tensor | None = None,
+                            max_k: int | None = None) -> torch.Tensor:
+    """Mask (-inf) what top-k, then top-p, then min-p drop, per row. Returns a new tensor.
+
+    top_k: [rows] long, values >= vocab mean off (ties at the k-th value are all kept);
+    top_p: [rows] float, keeps the smallest prefix (by descending prob, renormalised after
+           top-k) whose cumulative prob >= top_p, at least one token; values >= 1 mean off;
+    min_p: [rows] float, drops tokens with prob < min_p * max_prob; 0 means off;
+    max_k: an upper bound of the enabled top_k values, known on the host (else read from
+           top_k, a device sync on accelerators).
+    All tensors on logits.device.
+    """
+    x = logits.clone()
+    vocab_size = x.shape[-1]
+    ninf = float("-inf")
+    if top_k is not None:
+        k = top_k.clamp(1, vocab_size)
+        if max_k is None:
+            max_k = int(torch.where(k < vocab_size, k, 1).max())
+        max_k = max(1, min(max_k, vocab_size))
+        vals = torch.topk(x, max_k, dim=-1).values
+        kth = vals.gather(1, (k.clamp(max=max_k) - 1).unsqueeze(1))
+        kth = torch.where((k < vocab_size).unsqueeze(1), kth, ninf)
+        x = x.masked_fill(x < kth, ninf)
+    if top_p is not None:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        sorted_p = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # prob mass ranked strictly above
+        p = torch.where(top_p >= 1.0, float("inf"), top_p).unsqueeze(1)
+        drop = before >= p
+        drop[:, 0] = False
+        sorted_x = sorted_x.masked_fill(drop, ninf)
+        x = torch.empty_like(x).scatter_(1, order, sorted_x)
+    if min_p is not None:
+        probs = torch.softmax(x, dim=-1)
+        thresh = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+        x = x.masked_fill(probs < thresh, ninf)
+    return x
+
+
+# --------------------------------------------------------------------------------- sampler
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        # One generator per device for unseeded rows (created lazily on accelerators),
+        # one per device re-seeded for every seeded row.
+        self._generators: dict[torch.device, torch.Generator] = {
+            torch.device("cpu"): self._new_generator(torch.device("cpu"), seed)}
+        self._seeded_generators: dict[torch.device, torch.Generator] = {}
+
+    @staticmethod
+    def _new_generator(device: torch.device, seed: int) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(seed & ((1 << 64) - 1))
+        return g
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = self._new_generator(device, self.seed)
+        return g
+
+    def _seeded_generator(self, device: torch.device) -> torch.Generator:
+        g = self._seeded_generators.get(device)
+        if g is None:
+            g = self._seeded_generators[device] = torch.Generator(device=device)
+        return g
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]
+                 ) -> tuple[list[int], list[dict[int, float] | None]]:
+        num_rows = len(rows)
+        if logits.dim() != 2 or logits.shape[0] != num_rows:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {num_rows} rows")
+        if num_rows == 0:
+            return [], []
+        greedy = [is_greedy(r.params) for r in rows]
+        want_logprobs = any(r.params.logprobs is not None for r in rows)
+        needs_processing = any(has_penalties(r.params) or min_tokens_active(r) for r in rows)
+
+        # The common case: all greedy, nothing to process, no logprobs.
+        if all(greedy) and not needs_processing and not want_logprobs:
+            return logits.argmax(dim=-1).tolist(), [None] * num_rows
+
+        raw = logits if logits.dtype == torch.float32 else logits.float()
+        x = process_logits(raw, rows) if needs_processing else raw  # raw is never modified
+
+        random_idx = [i for i, g in enumerate(greedy) if not g]
+        if len(random_idx) == num_rows:
+            tokens = self._sample(x, rows)
+        else:
+            tokens = x.argmax(dim=-1)
+            if random_idx:
+                idx_t = _index(random_idx, x.device)
+                sampled = self._sample(x.index_select(0, idx_t), [rows[i] for i in random_idx])
+                tokens.index_copy_(0, idx_t, sampled)
+
+        if not want_logprobs:
+            return tokens.tolist(), [None] * num_rows
+        return self._with_logprobs(raw, rows, tokens)
+
+    def _sample(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """One draw per row (all non-greedy) of x [rows, vocab] processed logits."""
+        device = x.device
+        num_rows, vocab_size = x.shape
+        params = [r.params for r in rows]
+
+        temps = [p.temperature for p in params]
+        if any(t != 1.0 for t in temps):  # (x itself is never modified below)
+            x = x / _per_row(temps, device).unsqueeze(1)
+
+        ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        top_k = max_k = None
+        if any(k < vocab_size for k in ks):
+            max_k = max(k for k in ks if k < vocab_size)  # known on the host: no sync
+            top_k = torch.tensor(ks, dtype=torch.long).to(device, non_blocking=True)
+        top_p = None
+        if any(p.top_p < 1.0 for p in params):
+            top_p = _per_row([p.top_p for p in params], device)
+        min_p = None
+        if any(p.min_p > 0.0 for p in params):
+            min_p = _per_row([p.min_p for p in params], device)
+        if top_k is not None or top_p is not None or min_p is not None:
+            x = apply_top_k_top_p_min_p(x, top_k, top_p, min_p, max_k=max_k)
+
+        probs = torch.softmax(x, dim=-1)
+
+        # Exponential race: argmax(probs / E), E ~ Exponential(1) iid, is a categorical draw.
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
+        if len(unseeded) == num_rows:
+            noise.exponential_(generator=self._generator(device))
+        else:
+            if unseeded:
+                part = torch.empty((len(unseeded), vocab_size), dtype=probs.dtype, device=device)
+                part.exponential_(generator=self._generator(device))
+                noise.index_copy_(0, _index(unseeded, device), part)
+            g = self._seeded_generator(device)
+            for i, r in enumerate(rows):
+                if r.params.seed is not None:
+                    g.manual_seed(row_seed(r.params.seed, r.seq_index, r.num_output_tokens))
+                    noise[i].exponential_(generator=g)
+        # Guard against an exact 0 draw (0/0 = nan would win the argmax).
+        noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        return probs.div_(noise).argmax(dim=-1)
+
+    @staticmethod
+    def _with_logprobs(raw: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor
+                       ) -> tuple[list[int], list[dict[int, float] | None]]:
+        device = raw.device
+        lp_idx = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if len(lp_idx) == len(rows):
+            sub, sub_tokens = raw, tokens
+        else:
+            idx_t = _index(lp_idx, device)
+            sub, sub_tokens = raw.index_select(0, idx_t), tokens.index_select(0, idx_t)
+        lp = torch.log_softmax(sub, dim=-1)
+        sampled_lp = lp.gather(1, sub_tokens.unsqueeze(1)).squeeze(1)
+        max_k = min(max(rows[i].params.logprobs for i in lp_idx), lp.shape[-1])
+        top_v = top_i = None
+        if max_k > 0:
+            top_v, top_i = torch.topk(lp, max_k, dim=-1)
+
+        token_list = tokens.tolist()
+        sampled_lp_list = sampled_lp.tolist()
+        top_v_list = top_v.tolist() if top_v is not None else None
+        top_i_list = top_i.tolist() if top_i is not None else None
+
+        out: list[dict[int, float] | None] = [None] * len(rows)
+        for j, i in enumerate(lp_idx):
+            d = {token_list[i]: sampled_lp_list[j]}
+            k = rows[i].params.logprobs
+            if k:
+                for tid, v in zip(top_i_list[j][:k], top_v_list[j][:k]):
+                    d.setdefault(tid, v)
+            out[i] = d
+        return token_list, out

@@ -1,0 +1,104 @@
+"""The worker: one per tensor-parallel rank, run as a Ray actor by the executor.
+
+Lifecycle, each step called by the executor on every rank:
+  get_dist_address (rank 0) -> init_model -> determine_num_blocks -> init_cache
+  -> execute_model per step -> shutdown.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+import torch
+
+from driver.config import EngineConfig
+from driver.protocol import ModelRunnerOutput, SchedulerOutput
+from cache_engine.cache_engine import CacheEngine, num_blocks_for_bytes
+from workers import parallel_state
+from workers.loader import dummy_weights, load_weights
+from workers.model import LlamaForCausalLM
+from workers.model_runner import ModelRunner
+
+logger = logging.getLogger("raytp.worker")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int):
+        self.config = config
+        self.rank = rank
+        self.dtype = DTYPES[config.model.dtype]
+        self.model: LlamaForCausalLM | None = None
+        self.cache_engine: CacheEngine | None = None
+        self.runner: ModelRunner | None = None
+        if config.parallel.device == "cuda":
+            # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is always device 0 here.
+            torch.cuda.set_device(0)
+            self.device = torch.device("cuda", 0)
+        else:
+            self.device = torch.device("cpu")
+
+    def get_dist_address(self) -> str:
+        """Rank 0 hosts the torch.distributed rendezvous on a free port of its node."""
+        ip = _node_ip()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ip}:{port}"
+
+    def init_model(self, dist_init_method: str) -> None:
+        cfg = self.config
+        parallel_state.init_distributed(cfg.parallel.backend, dist_init_method,
+                                        cfg.parallel.tensor_parallel_size, self.rank)
+        torch.manual_seed(cfg.model.seed)
+        with torch.device(self.device):
+            model = LlamaForCausalLM(cfg.model.arch, self.dtype)
+        if cfg.model.load_format == "dummy":
+            dummy_weights(model, cfg.model.seed)
+        else:
+            load_weights(model, cfg.model.model, progress=self.rank == 0)
+        self.model = model.eval()
+        logger.info("rank %d: model loaded (%s, %s)", self.rank, cfg.model.arch.architecture, cfg.model.dtype)
+
+    def determine_num_blocks(self) -> tuple[int, int]:
+        """(device blocks, host swap blocks) this rank can hold; the executor takes the minimum."""
+        cfg, tp = self.config, self.config.parallel.tensor_parallel_size
+        arch, bs = cfg.model.arch, cfg.cache.block_size
+        num_cpu = num_blocks_for_bytes(cfg.cache.swap_space_gb * 2**30, arch, tp, bs, self.dtype)
+        if cfg.cache.num_gpu_blocks is not None:
+            return cfg.cache.num_gpu_blocks, num_cpu
+        if self.device.type == "cpu":
+            return num_blocks_for_bytes(cfg.cache.kv_cache_memory_gb * 2**30, arch, tp, bs, self.dtype), num_cpu
+        from cache_engine.profiler import profile_num_gpu_blocks
+        return profile_num_gpu_blocks(self), num_cpu
+
+    def init_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        cfg = self.config
+        self.cache_engine = CacheEngine(cfg.model.arch, cfg.parallel.tensor_parallel_size, cfg.cache.block_size,
+                                        num_gpu_blocks, num_cpu_blocks, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.cache_engine.gpu_cache, cfg.cache.block_size,
+                                  self.device, self.rank, seed=cfg.model.seed)
+        logger.info("rank %d: KV cache of %d device blocks, %d host blocks", self.rank,
+                    num_gpu_blocks, num_cpu_blocks)
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        # Cache moves first: swap-outs free device blocks the step may reuse.
+        self.cache_engine.swap_out(so.blocks_to_swap_out)
+        self.cache_engine.swap_in(so.blocks_to_swap_in)
+        self.cache_engine.copy_blocks(so.blocks_to_copy)
+        return self.runner.execute_model(so)
+
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        parallel_state.destroy_distributed()
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (unit tests): loopback
+        return "127.0.0.1"
