@@ -72,5 +72,7 @@ class CacheEngine:
         for (sk, sv), (dk, dv) in zip(src_cache, dst_cache):
             src_idx = torch.tensor(src_ids, device=sk.device)
             dst_idx = torch.tensor(dst_ids, device=dk.device)
-            dk[dst_idx] = sk[src_idx].to(dk.device, non_blocking=True)
-            dv[dst_idx] = sv[src_idx].to(dv.device, non_blocking=True)
+            # Blocking: a non-blocking device->host copy could still be in flight when
+            # the host-side index assignment reads it.
+            dk[dst_idx] = sk[src_idx].to(dk.device)
+            dv[dst_idx] = sv[src_idx].to(dv.device)

@@ -114,25 +114,29 @@ class LLMEngine:
                              finished, num_cached_tokens=group.seqs[0].num_cached_tokens)
 
     def _completion(self, group: SequenceGroup, seq: Sequence) -> CompletionOutput:
+        params = group.sampling_params
+        text = self._detokenize(seq, params) if params.detokenize else ""
+        reason = seq.status.value if seq.status.is_finished else None
+        logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
+        return CompletionOutput(seq.seq_index, text, list(seq.output_token_ids), reason, logprobs)
+
+    def _detokenize(self, seq: Sequence, params: SamplingParams) -> str:
+        """The completion's text so far; ends the sequence at a stop string (excluded)."""
         state = self.texts.get(seq.seq_id)
         if state is None:
             state = self.texts[seq.seq_id] = _TextState(IncrementalDetokenizer(
-                self.tokenizer, seq.token_ids[:seq.num_prompt_tokens],
-                group.sampling_params.skip_special_tokens))
-        params = group.sampling_params
+                self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], params.skip_special_tokens))
         new_ids = seq.output_token_ids[state.num_detokenized:]
-        if new_ids and seq.status != SequenceStatus.FINISHED_ABORTED:
-            delta = state.detok.step(new_ids)
-            state.num_detokenized += len(new_ids)
-            state.text += delta
-            if params.stop and delta:
-                state.text, stopped = find_stop(state.text, params.stop, len(delta))
-                if stopped:
-                    if not seq.status.is_finished:
-                        self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED)
-        reason = seq.status.value if seq.status.is_finished else None
-        logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
-        return CompletionOutput(seq.seq_index, state.text, list(seq.output_token_ids), reason, logprobs)
+        if not new_ids or seq.status == SequenceStatus.FINISHED_ABORTED:
+            return state.text
+        delta = state.detok.step(new_ids)
+        state.num_detokenized += len(new_ids)
+        state.text += delta
+        if params.stop and delta:
+            state.text, stopped = find_stop(state.text, params.stop, len(delta))
+            if stopped:
+                self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED)
+        return state.text
 
     # ---- lifecycle ----
 

@@ -22,6 +22,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one is always added)
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (benchmarks); stop strings need text
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +57,8 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError("SamplingParams.stop needs detokenize=True (stop strings match text)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"SamplingParams.min_tokens ({self.min_tokens}) must be <= "
                              f"max_tokens ({self.max_tokens})")

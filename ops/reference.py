@@ -171,8 +171,11 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """Decode only: query [B, Hq, D], one token per sequence -> [B, Hq, D]."""
+                           scale: float, max_context_len: int | None = None) -> torch.Tensor:
+    """Decode only: query [B, Hq, D], one token per sequence -> [B, Hq, D].
+
+    max_context_len is an upper bound on context_lens (kernels size their split grid
+    from it; a CUDA graph passes max_model_len). None means "compute it"."""
     query_start_loc = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
     return paged_attention(query, key_cache, value_cache, block_tables, query_start_loc,
                            context_lens, scale)

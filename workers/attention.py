@@ -63,9 +63,21 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache
         ops = ops_for(q)
         ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        return ops.paged_attention(q, key_cache, value_cache, meta.block_tables,
-                                   meta.query_start_loc, meta.context_lens, self.scale)
-
+        nd = meta.num_decodes
+        if nd == meta.num_seqs:  # decode-only step (the CUDA-graph case)
+            return ops.paged_attention_decode(q, key_cache, value_cache, meta.block_tables,
+                                              meta.context_lens, self.scale, meta.max_context_len)
+        if nd == 0:
+            return ops.paged_attention(q, key_cache, value_cache, meta.block_tables,
+                                       meta.query_start_loc, meta.context_lens, self.scale)
+        # Mixed step: decode rows [0, nd) through the decode kernel, prefill chunks after.
+        out = torch.empty_like(q)
+        out[:nd] = ops.paged_attention_decode(q[:nd], key_cache, value_cache, meta.block_tables[:nd],
+                                              meta.context_lens[:nd], self.scale, meta.max_context_len)
+        out[nd:] = ops.paged_attention(q[nd:], key_cache, value_cache, meta.block_tables[nd:],
+                                       meta.query_start_loc[nd:] - nd, meta.context_lens[nd:],
+                                       self.scale)
+        return out
 
 def _attention_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -16,6 +16,8 @@ import torch
 from driver.protocol import ModelRunnerOutput, SchedulerOutput
 from driver.sampling_params import SamplingParams
 from workers.attention import AttentionMetadata
+from workers.cuda_graphs import DecodeGraphs
+from workers.staging import StagingBuffer
 from workers.sampler import Sampler, SamplingRow
 
 
@@ -50,6 +52,8 @@ class ModelRunner:
         self.rank = rank
         self.sampler = Sampler(seed) if rank == 0 else None
         self.requests: dict[str, CachedRequestState] = {}
+        self.staging = StagingBuffer(device)
+        self.graphs: DecodeGraphs | None = None  # set by capture_graphs (GPU, not enforce_eager)
 
     def update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -65,6 +69,7 @@ class ModelRunner:
             state.num_computed_tokens = delta.num_computed_tokens
 
     def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        """The step's inputs, built on the host and moved to the device in one copy."""
         bs = self.block_size
         states = [self.requests[r] for r in so.req_ids]
         input_ids, positions, slots, sample_rows, sample_ids = [], [], [], [], []
@@ -84,22 +89,29 @@ class ModelRunner:
             if end == len(state.token_ids):  # reached the newest token: its logits are sampled
                 sample_rows.append(query_start[-1] - 1)
                 sample_ids.append(state.req_id)
-        max_blocks = max(len(s.block_ids) for s in states)
-        block_tables = np.zeros((len(states), max_blocks), dtype=np.int32)
+        block_tables = np.zeros((len(states), max(len(s.block_ids) for s in states)), dtype=np.int32)
         for i, state in enumerate(states):
             block_tables[i, :len(state.block_ids)] = state.block_ids
-        to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt, non_blocking=True)
-        meta = AttentionMetadata(
-            slot_mapping=to(np.concatenate(slots), torch.int64),
-            block_tables=to(block_tables, torch.int32),
-            context_lens=to(np.asarray(context_lens), torch.int32),
-            query_start_loc=to(np.asarray(query_start), torch.int32),
-            num_decodes=int(num_decodes),
-            max_query_len=max(so.num_scheduled_tokens),
-            max_context_len=max(context_lens),
-        )
-        return StepInputs(to(np.concatenate(input_ids), torch.int64), to(np.concatenate(positions), torch.int64),
-                          meta, to(np.asarray(sample_rows), torch.int64), sample_ids)
+        ids, pos, slot_mapping, rows, tables, ctx, qsl = self.staging.to_device([
+            np.concatenate(input_ids), np.concatenate(positions).astype(np.int64),
+            np.concatenate(slots), np.asarray(sample_rows, dtype=np.int64), block_tables,
+            np.asarray(context_lens, dtype=np.int32), np.asarray(query_start, dtype=np.int32)])
+        meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=ctx,
+                                 query_start_loc=qsl, num_decodes=int(num_decodes),
+                                 max_query_len=max(so.num_scheduled_tokens),
+                                 max_context_len=max(context_lens))
+        return StepInputs(ids, pos, meta, rows, sample_ids)
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Decode CUDA graphs over the (already allocated) KV cache."""
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
+                                   self.block_size, self.device)
+        self.graphs.capture()
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -108,7 +120,7 @@ class ModelRunner:
         if not so.req_ids:
             return ModelRunnerOutput(so.step_id) if self.rank == 0 else None
         inputs = self.prepare_inputs(so)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        hidden = self._forward(inputs)  # [T, H]
         if not inputs.sample_req_ids:  # only partial prefill chunks: nothing to sample
             return ModelRunnerOutput(so.step_id) if self.rank == 0 else None
         # Every rank joins the logits all-gather; only rank 0 samples and replies.

@@ -26,6 +26,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class Worker:
     def __init__(self, config: EngineConfig, rank: int):
+        # A Ray actor's root logger is unconfigured: make raytp's INFO lines reach the driver log.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = config
         self.rank = rank
         self.dtype = DTYPES[config.model.dtype]
@@ -81,6 +83,8 @@ class Worker:
                                   self.device, self.rank, seed=cfg.model.seed)
         logger.info("rank %d: KV cache of %d device blocks, %d host blocks", self.rank,
                     num_gpu_blocks, num_cpu_blocks)
+        if self.device.type == "cuda" and not cfg.enforce_eager:
+            self.runner.capture_graphs(cfg.scheduler.max_num_seqs, cfg.model.max_model_len)
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
         # Cache moves first: swap-outs free device blocks the step may reuse.

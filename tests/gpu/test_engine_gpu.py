@@ -1,0 +1,121 @@
+"""The whole engine on GPU against Hugging Face transformers: identical greedy tokens
+in float32, close logprobs in bfloat16, CUDA graphs equal to eager, at TP=1 and
+(with two GPUs) TP=2. Checkpoints use head dims 64 and 128 so that the CuPy
+kernels (not the reference fallback) run."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ray = pytest.importorskip("ray")
+
+from driver import LLM, SamplingParams  # noqa: E402
+from tests.checkpoints import make_checkpoint  # noqa: E402
+from tests.hf_reference import hf_greedy, hf_model  # noqa: E402
+
+# style -> (hidden, heads, kv heads): head dims 64 / 64 / 128, GQA 2 / 4 / 1.
+SHAPES = {"llama": (256, 4, 2), "mistral": (512, 8, 2), "qwen2": (512, 4, 4)}
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    out = {}
+    for i, (style, (hidden, heads, kv)) in enumerate(SHAPES.items()):
+        out[style] = make_checkpoint(str(tmp_path_factory.mktemp(style)), style, hidden=hidden,
+                                     num_heads=heads, num_kv_heads=kv, intermediate=2 * hidden,
+                                     layers=2, max_position_embeddings=1024, seed=i)
+    return out
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(0)
+    draw = lambda n: [rng.randrange(3, vocab) for _ in range(n)]
+    base = draw(40)
+    # odd lengths, a long one (chunked), and one sharing two full blocks with `base` (prefix hit)
+    return [draw(7), base, draw(301), base[:32] + draw(9), draw(16)]
+
+
+def _engine(ckpt, tp, dtype, **kw):
+    return LLM(model=ckpt, tensor_parallel_size=tp, device="cuda", dtype=dtype, max_model_len=512,
+               max_num_batched_tokens=128, max_num_seqs=8, gpu_memory_utilization=0.3, **kw)
+
+
+def _run(llm, prompts):
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+    head = llm.generate(prompts[:3], greedy, use_tqdm=False)  # batch of 3: decode graphs, bucket 4
+    tail = llm.generate(prompts[3:], greedy, use_tqdm=False)  # prompts[3] hits the prefix cache
+    assert tail[0].num_cached_tokens == 32
+    return head + tail
+
+
+def _tp_sizes():
+    return [1, 2] if torch.cuda.device_count() >= 2 else [1]
+
+
+@pytest.mark.parametrize("tp", _tp_sizes())
+@pytest.mark.parametrize("style", list(SHAPES))
+def test_float32_greedy_equals_transformers(ckpts, style, tp):
+    with _engine(ckpts[style], tp, "float32") as llm:
+        prompts = _prompts(llm.config.model.arch.vocab_size)
+        outs = _run(llm, prompts)
+    for prompt, out in zip(prompts, outs):
+        ref_tokens, ref_lps = hf_greedy(ckpts[style], prompt, NEW_TOKENS)
+        c = out.outputs[0]
+        assert c.token_ids == ref_tokens
+        assert [lp[t] for lp, t in zip(c.logprobs, c.token_ids)] == pytest.approx(ref_lps, abs=1e-3)
+
+
+@torch.inference_mode()
+def _hf_logprobs_of(ckpt, prompt, tokens) -> list[float]:
+    """Float32 transformers' logprob of each of `tokens`, teacher-forced on them."""
+    logits = hf_model(ckpt)(torch.tensor([prompt + tokens])).logits[0].float()
+    lps = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+    return [float(lps[i, t]) for i, t in enumerate(tokens)]
+
+
+@pytest.mark.parametrize("tp", _tp_sizes())
+@pytest.mark.parametrize("style", list(SHAPES))
+def test_bfloat16_logprobs_close_to_transformers(ckpts, style, tp):
+    with _engine(ckpts[style], tp, "bfloat16") as llm:
+        prompts = _prompts(llm.config.model.arch.vocab_size)
+        outs = _run(llm, prompts)
+    for prompt, out in zip(prompts, outs):
+        c = out.outputs[0]
+        ours = [lp[t] for lp, t in zip(c.logprobs, c.token_ids)]
+        assert ours == pytest.approx(_hf_logprobs_of(ckpts[style], prompt, c.token_ids), abs=0.15)
+
+
+def test_cuda_graphs_equal_eager(ckpts):
+    results = []
+    for eager in (False, True):
+        with _engine(ckpts["mistral"], 1, "bfloat16", enforce_eager=eager) as llm:
+            prompts = _prompts(llm.config.model.arch.vocab_size)
+            results.append([o.outputs[0].token_ids for o in _run(llm, prompts)])
+    assert results[0] == results[1]
+
+
+def test_profiled_kv_cache_scales_with_utilization(ckpts):
+    blocks = []
+    for util in (0.2, 0.4):
+        with LLM(model=ckpts["llama"], device="cuda", dtype="bfloat16", max_model_len=512,
+                 gpu_memory_utilization=util) as llm:
+            blocks.append(llm.engine.executor.num_gpu_blocks)
+            out = llm.generate([[5] * 100], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+            assert len(out[0].outputs[0].token_ids) == 4
+    per_block = 2 * 2 * 2 * 16 * 64 * 2  # K+V, layers, kv heads, block, head dim, bf16 bytes
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert blocks[1] - blocks[0] == pytest.approx(0.2 * total / per_block, rel=0.02)
