@@ -16,8 +16,17 @@ from ops import reference
 @functools.cache
 def _cuda_ops() -> ModuleType | None:
     """The CuPy kernels' module (same names and signatures as ops.reference), or
-    None while they do not exist. Plug them in here and nowhere else."""
-    return None
+    None without a GPU or CuPy. Plug them in here and nowhere else."""
+    # None (plain-torch reference everywhere) without CUDA or CuPy: the CPU engine
+    # never imports CuPy.
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import cupy  # noqa: F401
+        from ops import cupy_ops
+    except Exception:  # ImportError, or a CuPy that cannot load its CUDA libraries
+        return None
+    return cupy_ops
 
 
 def ops_for(tensor: torch.Tensor) -> ModuleType:

@@ -1,30 +1,36 @@
-// Paged-attention decode (one query token per sequence), GQA-aware.
+// Paged-attention decode (one query token per sequence), GQA-aware, on tensor cores.
 //
 // KV cache layout per layer (see ops/reference.py):
 //     key_cache, value_cache: [num_blocks, num_kv_heads, BLOCK_SIZE, HEAD_DIM]
-// so the keys of one (block, kv head) are one contiguous BLOCK_SIZE*HEAD_DIM tile.
+// so the 16 tokens of one "tile" (16 consecutive positions inside one block,
+// one kv head) are one contiguous 16 * HEAD_DIM run of K (and of V).
 //
-// One CTA per (kv head, sequence, context partition). It holds the GQA query
-// heads of its kv head (GQA = Hq / Hk of them) and reads every K/V element of
-// its partition exactly once, for all of those query heads.
-//
-// Inside the CTA each warp takes "chunks" (CHUNK tokens of one block, CHUNK *
-// HEAD_DIM * 2 bytes = 2 KB of K and 2 KB of V) round robin and streams them
-// through a STAGES-deep cp.async pipeline in its own slice of shared memory.
-// Lane layout: TPT = HEAD_DIM / 8 lanes own one token (8 elements = 16 bytes
-// each), so a warp covers TPS = 32 / TPT tokens per 16-byte load; every lane
-// reads back only the shared memory it copied itself, so the pipeline needs no
-// barrier. Scores and the softmax are float32 in log2 units (the query is
-// pre-scaled by scale * log2(e)), with an online softmax per warp; warps merge
+// Grid (num_kv_heads * n_sub, B, num_parts). One CTA per (kv head, group of
+// up to 16 query heads of that kv head, sequence, context partition): it
+// reads every K/V element of its partition once, for all of its query heads.
+// The query heads are the 16 rows of an m16n8k16 MMA (rows >= nrows are
+// zero padding), so S = Q K^T and O += P V run on tensor cores with float32
+// accumulators, as in FlashAttention-2:
+//   S[16 x 8 tokens]  = mma(A = Q [16 x 16 dims], B = K^T tile (ldmatrix))
+//   O[16 x 8 dims]   += mma(A = P [16 x 16 tokens] (from S's registers),
+//                           B = V tile (ldmatrix.trans))
+// Each warp takes tiles round robin and streams them through its own
+// STAGES-deep cp.async pipeline in its own slice of shared memory (rows
+// XOR-swizzled in 16-byte units so ldmatrix is conflict-free). Positions past
+// the context are zero-filled by cp.async (no read), so stale or NaN cache
+// slots never reach the MMA; their scores are masked to -inf. The softmax is
+// online, in float32, in log2 units (scores * scale * log2(e)); warps merge
 // through shared memory at the end.
 //
 // Unsplit (gridDim.z == 1): the CTA writes the normalised output.
-// Split (flash decoding, gridDim.z > 1): each partition of partition_blocks
-// blocks writes (max, sum, normalised partial out) in float32, and
-// paged_attention_reduce_kernel merges the partitions.
+// Split (flash decoding, gridDim.z > 1): partition p covers blocks
+// [p * partition_blocks, (p + 1) * partition_blocks); it writes (max, sum,
+// normalised partial out) in float32 and paged_attention_reduce_kernel merges
+// the partitions. Partitions past a sequence's context return at once (a CUDA
+// graph sizes the grid for max_model_len); the reduce reads only valid ones.
 //
-// Built without any header (no cuda_bf16.h): conversions are bit operations
-// and PTX cvt, so that NVRTC needs no include path.
+// Needs sm_80+ (cp.async, ldmatrix, bf16 mma). Built without any header:
+// conversions are bit operations and PTX, so NVRTC needs no include path.
 
 #ifndef RAYTP_DTYPES_DEFINED
 #define RAYTP_DTYPES_DEFINED
@@ -94,28 +100,73 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 #define RAYTP_FULL_MASK 0xffffffffu
 #define RAYTP_NEG_INF (__int_as_float(0xff800000))
 
+// m16n8k16 MMA with float32 accumulators, and float pairs -> packed 2 x 16 bits.
+template <typename T> struct MMA;
+template <> struct MMA<bf16_t> {
+  static __device__ __forceinline__ void run(float c[4], const unsigned int a[4],
+                                             unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // lo goes to the low 16 bits (the lower column index), hi to the high 16 bits.
+  static __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+template <> struct MMA<fp16_t> {
+  static __device__ __forceinline__ void run(float c[4], const unsigned int a[4],
+                                             unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+
 __device__ __forceinline__ unsigned int smem_u32(const void* p) {
   unsigned int a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
   return a;
 }
 
-__device__ __forceinline__ void cp_async16(unsigned int smem_addr, const void* gptr) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gptr));
+// 16-byte global -> shared copy; src_bytes == 0 writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(unsigned int smem_addr, const void* gptr, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               ::"r"(smem_addr), "l"(gptr), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned int addr, unsigned int& r0, unsigned int& r1,
+                                            unsigned int& r2, unsigned int& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int addr, unsigned int& r0, unsigned int& r1,
+                                                  unsigned int& r2, unsigned int& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
 }
 
-// Shared memory the launcher must provide (bytes): the pipeline buffers, which
-// are reused for the cross-warp merge once the pipeline has drained.
-//   max(NUM_WARPS * STAGES * 2 * CHUNK * HEAD_DIM * 2,
-//       NUM_WARPS * GQA * (HEAD_DIM + 2) * 4)
-template <typename T, int HEAD_DIM, int BLOCK_SIZE, int GQA, int NUM_WARPS, int CHUNK, int STAGES>
+// Shared memory the launcher must provide (bytes):
+//   max(NUM_WARPS * STAGES * 2 * 16 * HEAD_DIM * 2,                  (pipeline)
+//       NUM_WARPS * 16 * (HEAD_DIM + 4) * 4 + NUM_WARPS * 16 * 2 * 4)  (warp merge)
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, int NUM_WARPS, int STAGES>
 __global__ void __launch_bounds__(NUM_WARPS * 32)
 paged_attention_decode_kernel(
     T* __restrict__ out,               // [B, Hq, D] (unsplit)
@@ -127,87 +178,99 @@ paged_attention_decode_kernel(
     const T* __restrict__ value_cache, // [NB, Hk, BS, D]
     const int* __restrict__ block_tables,  // [B, max_blocks]
     const int* __restrict__ context_lens,  // [B]
-    int num_kv_heads, int max_blocks, long long q_stride,
+    int num_kv_heads, int group, int n_sub, int max_blocks, long long q_stride,
     int partition_blocks, float scale_log2) {
-  static_assert(HEAD_DIM % 8 == 0 && HEAD_DIM <= 256, "head_dim");
-  constexpr int VEC = 8;                    // elements per 16-byte vector
-  constexpr int TPT = HEAD_DIM / VEC;       // lanes per token
-  constexpr int TPS = 32 / TPT;             // tokens per warp-wide load
-  constexpr int STEPS = CHUNK / TPS;        // loads per lane per chunk (K, and V)
-  constexpr int CPB = BLOCK_SIZE / CHUNK;   // chunks per block
-  constexpr int CHUNK_ELEMS = CHUNK * HEAD_DIM;
-  static_assert(CHUNK % TPS == 0 && BLOCK_SIZE % CHUNK == 0, "chunk");
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "head_dim");
+  constexpr int TILE = 16;                        // tokens per MMA tile
+  static_assert(BLOCK_SIZE % TILE == 0, "block_size");
+  constexpr int TPB = BLOCK_SIZE / TILE;          // tiles per block
+  constexpr int ROW_BYTES = HEAD_DIM * 2;
+  constexpr int COLS = HEAD_DIM / 8;              // 16-byte columns per row
+  constexpr int TILE_BYTES = TILE * ROW_BYTES;    // K (or V) of one tile
+  constexpr int STAGE_BYTES = 2 * TILE_BYTES;
+  constexpr int PIECES = TILE * COLS / 32;        // 16-byte copies per lane per K (or V) tile
+  constexpr int KSTEPS = HEAD_DIM / 16;           // MMA k-steps of Q K^T
+  constexpr int NT = HEAD_DIM / 8;                // MMA n-tiles of the output
+  constexpr int SO_STRIDE = HEAD_DIM + 4;         // floats per row of the merge buffer
   static_assert(STAGES >= 2, "stages");
+  static_assert((TILE * COLS) % 32 == 0, "pieces");
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
 
-  const int kvh = blockIdx.x;
+  const int sub = blockIdx.x % n_sub;
+  const int kvh = blockIdx.x / n_sub;
   const int b = blockIdx.y;
   const int part = blockIdx.z;
   const int num_parts = gridDim.z;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int vi = lane % TPT;  // which 16-byte slice of the head
-  const int ti = lane / TPT;  // which token of a warp-wide load
-  const int num_heads = num_kv_heads * GQA;
+  const int gid = lane >> 2;  // MMA row group
+  const int tig = lane & 3;   // thread in group
+  const int num_heads = num_kv_heads * group;
+  const int h0 = kvh * group + sub * 16;            // first query head of this CTA
+  const int nrows = min(16, group - sub * 16);      // query heads of this CTA
 
-  const int ctx = context_lens[b];
+  const int ctx = min(context_lens[b], max_blocks * BLOCK_SIZE);
   const int n_blocks = (ctx + BLOCK_SIZE - 1) / BLOCK_SIZE;
   const int blk_begin = part * partition_blocks;
   if (num_parts > 1 && blk_begin >= n_blocks) return;  // the reduce skips it
   const int blk_end = min(n_blocks, blk_begin + partition_blocks);
-  const int c_begin = blk_begin * CPB;
-  // Chunks that hold at least one position < ctx.
-  const int c_end = max(c_begin, min(blk_end * CPB, (ctx + CHUNK - 1) / CHUNK));
-  const int my_first = c_begin + warp;
-  const int n_k = my_first < c_end ? (c_end - my_first + NUM_WARPS - 1) / NUM_WARPS : 0;
+  const int t_begin = blk_begin * TPB;
+  // Tiles that hold at least one position < ctx.
+  const int t_end = max(t_begin, min(blk_end * TPB, (ctx + TILE - 1) / TILE));
+  const int my_first = t_begin + warp;
+  const int n_k = my_first < t_end ? (t_end - my_first + NUM_WARPS - 1) / NUM_WARPS : 0;
 
-  // Query heads of this kv head, pre-scaled into log2 units.
-  float q[GQA][VEC];
+  // Q as MMA A fragments: qa[ks] = rows (gid, gid + 8), dims ks*16 + 2*tig (+1, +8, +9).
+  unsigned int qa[KSTEPS][4];
+  {
+    const T* qb = query + (long long)b * q_stride + (long long)h0 * HEAD_DIM + 2 * tig;
+    const bool r0 = gid < nrows, r1 = gid + 8 < nrows;
 #pragma unroll
-  for (int g = 0; g < GQA; ++g) {
-    const uint4 u = *reinterpret_cast<const uint4*>(
-        query + (long long)b * q_stride + (long long)(kvh * GQA + g) * HEAD_DIM + vi * VEC);
-    unpack8<T>(u, q[g]);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) q[g][j] *= scale_log2;
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      const T* p0 = qb + gid * HEAD_DIM + ks * 16;
+      const T* p1 = p0 + 8 * HEAD_DIM;
+      qa[ks][0] = r0 ? *reinterpret_cast<const unsigned int*>(p0) : 0u;
+      qa[ks][1] = r1 ? *reinterpret_cast<const unsigned int*>(p1) : 0u;
+      qa[ks][2] = r0 ? *reinterpret_cast<const unsigned int*>(p0 + 8) : 0u;
+      qa[ks][3] = r1 ? *reinterpret_cast<const unsigned int*>(p1 + 8) : 0u;
+    }
   }
 
-  float m[GQA], l[GQA], acc[GQA][VEC];
+  // o[n]: rows (gid, gid + 8) x dims n*8 + 2*tig (+1); m/l for rows gid (0) and gid + 8 (1).
+  float o[NT][4];
 #pragma unroll
-  for (int g = 0; g < GQA; ++g) {
-    m[g] = RAYTP_NEG_INF;
-    l[g] = 0.f;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[g][j] = 0.f;
-  }
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = RAYTP_NEG_INF, m1 = RAYTP_NEG_INF, l0 = 0.f, l1 = 0.f;
 
-  // This warp's pipeline: STAGES x (K chunk, V chunk).
-  T* wbuf = reinterpret_cast<T*>(smem_raw) + (size_t)warp * STAGES * 2 * CHUNK_ELEMS;
-  const unsigned int wbuf_addr = smem_u32(wbuf);
-  const int lane_off = ti * HEAD_DIM + vi * VEC;  // element offset inside a chunk (step 0)
+  const unsigned int wbuf = smem_u32(smem_raw) + (unsigned int)(warp * STAGES * STAGE_BYTES);
   const int* bt_row = block_tables + (long long)b * max_blocks;
   const long long head_off = (long long)kvh * (BLOCK_SIZE * HEAD_DIM);
   const long long block_stride = (long long)num_kv_heads * BLOCK_SIZE * HEAD_DIM;
 
-  int bt_reg = 0;  // lane j: physical block of this warp's chunk (k & ~31) + j
+  int bt_reg = 0;  // lane j: physical block of this warp's tile (k & ~31) + j
   auto issue = [&](int k) {
     if ((k & 31) == 0) {
       const int kk = k + lane;
-      bt_reg = kk < n_k ? bt_row[(my_first + kk * NUM_WARPS) / CPB] : 0;
+      bt_reg = kk < n_k ? bt_row[(my_first + kk * NUM_WARPS) / TPB] : 0;
     }
-    const int c = my_first + k * NUM_WARPS;
+    const int t = my_first + k * NUM_WARPS;  // tile index inside the sequence
     const int phys = __shfl_sync(RAYTP_FULL_MASK, bt_reg, k & 31);
     const long long g_off = (long long)phys * block_stride + head_off +
-                            (long long)(c % CPB) * CHUNK_ELEMS + lane_off;
+                            (long long)(t % TPB) * (TILE * HEAD_DIM);
     const T* kp = key_cache + g_off;
     const T* vp = value_cache + g_off;
-    const unsigned int s_k = wbuf_addr + (unsigned)(((k % STAGES) * 2 * CHUNK_ELEMS + lane_off) * 2);
-    const unsigned int s_v = s_k + CHUNK_ELEMS * 2;
+    const int tok0 = t * TILE;
+    const unsigned int s_k = wbuf + (unsigned int)((k % STAGES) * STAGE_BYTES);
 #pragma unroll
-    for (int st = 0; st < STEPS; ++st) cp_async16(s_k + st * TPS * HEAD_DIM * 2, kp + st * TPS * HEAD_DIM);
-#pragma unroll
-    for (int st = 0; st < STEPS; ++st) cp_async16(s_v + st * TPS * HEAD_DIM * 2, vp + st * TPS * HEAD_DIM);
+    for (int i = 0; i < PIECES; ++i) {
+      const int p = lane + 32 * i;
+      const int r = p / COLS, c = p % COLS;
+      const unsigned int soff = (unsigned int)(r * ROW_BYTES + ((c ^ (r & 7)) << 4));
+      const int nbytes = tok0 + r < ctx ? 16 : 0;
+      cp_async16(s_k + soff, kp + r * HEAD_DIM + c * 8, nbytes);
+      cp_async16(s_k + TILE_BYTES + soff, vp + r * HEAD_DIM + c * 8, nbytes);
+    }
   };
 
 #pragma unroll
@@ -217,140 +280,139 @@ paged_attention_decode_kernel(
   }
 
   for (int k = 0; k < n_k; ++k) {
-    cp_async_wait<STAGES - 2>();  // chunk k has landed (this lane's part of it)
-    const T* sk = wbuf + (k % STAGES) * 2 * CHUNK_ELEMS + lane_off;
-    const T* sv = sk + CHUNK_ELEMS;
-    const int tok0 = (my_first + k * NUM_WARPS) * CHUNK;  // position of the chunk's first token
-    const bool masked = tok0 + CHUNK > ctx;              // warp-uniform
+    cp_async_wait<STAGES - 2>();  // tile k has landed (this lane's copies)
+    __syncwarp();                 // ... and every lane's
+    const unsigned int sK = wbuf + (unsigned int)((k % STAGES) * STAGE_BYTES);
+    const unsigned int sV = sK + TILE_BYTES;
+    const int tok0 = (my_first + k * NUM_WARPS) * TILE;
 
-    // Scores: s[st][g] for token tok0 + st*TPS + ti.
-    float s[STEPS][GQA];
+    // S = Q K^T: n-tile nt holds tokens nt*8 .. nt*8+7.
+    float s[2][4];
 #pragma unroll
-    for (int st = 0; st < STEPS; ++st) {
-      float kf[VEC];
-      unpack8<T>(*reinterpret_cast<const uint4*>(sk + st * TPS * HEAD_DIM), kf);
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      const int r = nt * 8 + (lane & 7);
 #pragma unroll
-      for (int g = 0; g < GQA; ++g) {
-        float d = 0.f;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) d = fmaf(q[g][j], kf[j], d);
-        s[st][g] = d;
+      for (int kp2 = 0; kp2 < KSTEPS / 2; ++kp2) {
+        const int c = kp2 * 4 + (lane >> 3);
+        unsigned int b0, b1, b2, b3;
+        ldmatrix_x4(sK + (unsigned int)(r * ROW_BYTES + ((c ^ (r & 7)) << 4)), b0, b1, b2, b3);
+        MMA<T>::run(s[nt], qa[2 * kp2], b0, b1);
+        MMA<T>::run(s[nt], qa[2 * kp2 + 1], b2, b3);
       }
     }
-#pragma unroll
-    for (int st = 0; st < STEPS; ++st)
-#pragma unroll
-      for (int g = 0; g < GQA; ++g)
-#pragma unroll
-        for (int o = TPT / 2; o >= 1; o >>= 1) s[st][g] += __shfl_xor_sync(RAYTP_FULL_MASK, s[st][g], o);
-    if (masked) {
-#pragma unroll
-      for (int st = 0; st < STEPS; ++st)
-        if (tok0 + st * TPS + ti >= ctx) {
-#pragma unroll
-          for (int g = 0; g < GQA; ++g) s[st][g] = RAYTP_NEG_INF;
-        }
-    }
 
-    // Online softmax (the chunk's first token is always valid, so cmax is finite).
+    // Online softmax. s[nt][i]: row gid (i < 2) or gid + 8, token nt*8 + 2*tig + (i & 1).
+    float mx0 = RAYTP_NEG_INF, mx1 = RAYTP_NEG_INF;
 #pragma unroll
-    for (int g = 0; g < GQA; ++g) {
-      float cmax = s[0][g];
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int st = 1; st < STEPS; ++st) cmax = fmaxf(cmax, s[st][g]);
-#pragma unroll
-      for (int o = TPT; o < 32; o <<= 1) cmax = fmaxf(cmax, __shfl_xor_sync(RAYTP_FULL_MASK, cmax, o));
-      const float m_new = fmaxf(m[g], cmax);
-      const float alpha = exp2f(m[g] - m_new);  // 0 on the first chunk (m = -inf)
-      m[g] = m_new;
-      float psum = 0.f;
-#pragma unroll
-      for (int st = 0; st < STEPS; ++st) {
-        const float p = exp2f(s[st][g] - m_new);
-        s[st][g] = p;
-        psum += p;
+      for (int i = 0; i < 4; ++i) {
+        float v = s[nt][i] * scale_log2;
+        if (tok0 + nt * 8 + 2 * tig + (i & 1) >= ctx) v = RAYTP_NEG_INF;
+        s[nt][i] = v;
+        if (i < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
       }
-      l[g] = l[g] * alpha + psum;
+    mx0 = fmaxf(mx0, __shfl_xor_sync(RAYTP_FULL_MASK, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(RAYTP_FULL_MASK, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(RAYTP_FULL_MASK, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(RAYTP_FULL_MASK, mx1, 2));
+    // The tile's first position is < ctx, so mx0/mx1 are finite.
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);  // 0 on the first tile
+    m0 = mn0;
+    m1 = mn1;
+    float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[g][j] *= alpha;
-    }
-
-    // P @ V.
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-    for (int st = 0; st < STEPS; ++st) {
-      float vf[VEC];
-      unpack8<T>(*reinterpret_cast<const uint4*>(sv + st * TPS * HEAD_DIM), vf);
-      if (masked && tok0 + st * TPS + ti >= ctx) {
-        // Slots past the context hold stale data (maybe NaN): 0 * NaN = NaN.
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) vf[j] = 0.f;
+      for (int i = 0; i < 4; ++i) {
+        const float p = exp2f(s[nt][i] - (i < 2 ? mn0 : mn1));
+        s[nt][i] = p;
+        if (i < 2) ps0 += p; else ps1 += p;
       }
+    l0 = l0 * a0 + ps0;  // lane-partial sums (this lane's tokens); reduced at the end
+    l1 = l1 * a1 + ps1;
 #pragma unroll
-      for (int g = 0; g < GQA; ++g)
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[g][j] = fmaf(s[st][g], vf[j], acc[g][j]);
+    for (int n = 0; n < NT; ++n) {
+      o[n][0] *= a0; o[n][1] *= a0;
+      o[n][2] *= a1; o[n][3] *= a1;
     }
 
+    // O += P V. P's A fragment comes straight from S's accumulators.
+    unsigned int pa[4];
+    pa[0] = MMA<T>::pack2(s[0][0], s[0][1]);
+    pa[1] = MMA<T>::pack2(s[0][2], s[0][3]);
+    pa[2] = MMA<T>::pack2(s[1][0], s[1][1]);
+    pa[3] = MMA<T>::pack2(s[1][2], s[1][3]);
+    {
+      const int j = lane >> 3;
+      const int r = (j & 1) * 8 + (lane & 7);
+#pragma unroll
+      for (int q2 = 0; q2 < NT / 2; ++q2) {
+        const int c = 2 * q2 + (j >> 1);
+        unsigned int v0, v1, v2, v3;
+        ldmatrix_x4_trans(sV + (unsigned int)(r * ROW_BYTES + ((c ^ (r & 7)) << 4)), v0, v1, v2, v3);
+        MMA<T>::run(o[2 * q2], pa, v0, v1);
+        MMA<T>::run(o[2 * q2 + 1], pa, v2, v3);
+      }
+    }
+
+    __syncwarp();  // every lane is done with this stage before it is refilled
     if (k + STAGES - 1 < n_k) issue(k + STAGES - 1);
     cp_async_commit();
   }
   cp_async_wait<0>();
 
-  // Merge the token groups of the warp (lanes with the same vi).
-#pragma unroll
-  for (int g = 0; g < GQA; ++g) {
-#pragma unroll
-    for (int o = TPT; o < 32; o <<= 1) l[g] += __shfl_xor_sync(RAYTP_FULL_MASK, l[g], o);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-#pragma unroll
-      for (int o = TPT; o < 32; o <<= 1) acc[g][j] += __shfl_xor_sync(RAYTP_FULL_MASK, acc[g][j], o);
-  }
+  l0 += __shfl_xor_sync(RAYTP_FULL_MASK, l0, 1);
+  l0 += __shfl_xor_sync(RAYTP_FULL_MASK, l0, 2);
+  l1 += __shfl_xor_sync(RAYTP_FULL_MASK, l1, 1);
+  l1 += __shfl_xor_sync(RAYTP_FULL_MASK, l1, 2);
 
   // Merge the warps through shared memory (reusing the pipeline buffers).
   __syncthreads();
-  float* sm_acc = reinterpret_cast<float*>(smem_raw);         // [NUM_WARPS][GQA][HEAD_DIM]
-  float* sm_m = sm_acc + NUM_WARPS * GQA * HEAD_DIM;          // [NUM_WARPS][GQA]
-  float* sm_l = sm_m + NUM_WARPS * GQA;                       // [NUM_WARPS][GQA]
-  if (ti == 0) {
+  float* sm_o = reinterpret_cast<float*>(smem_raw);      // [NUM_WARPS][16][SO_STRIDE]
+  float* sm_m = sm_o + NUM_WARPS * 16 * SO_STRIDE;       // [NUM_WARPS][16]
+  float* sm_l = sm_m + NUM_WARPS * 16;                   // [NUM_WARPS][16]
+  {
+    float* r0 = sm_o + (warp * 16 + gid) * SO_STRIDE + 2 * tig;
+    float* r1 = r0 + 8 * SO_STRIDE;
 #pragma unroll
-    for (int g = 0; g < GQA; ++g) {
-      float4* dst = reinterpret_cast<float4*>(sm_acc + (warp * GQA + g) * HEAD_DIM + vi * VEC);
-      dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-      dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+    for (int n = 0; n < NT; ++n) {
+      *reinterpret_cast<float2*>(r0 + n * 8) = make_float2(o[n][0], o[n][1]);
+      *reinterpret_cast<float2*>(r1 + n * 8) = make_float2(o[n][2], o[n][3]);
     }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < GQA; ++g) {
-      sm_m[warp * GQA + g] = m[g];
-      sm_l[warp * GQA + g] = l[g];
+    if (tig == 0) {
+      sm_m[warp * 16 + gid] = m0;
+      sm_m[warp * 16 + gid + 8] = m1;
+      sm_l[warp * 16 + gid] = l0;
+      sm_l[warp * 16 + gid + 8] = l1;
     }
   }
   __syncthreads();
 
-  for (int idx = threadIdx.x; idx < GQA * HEAD_DIM; idx += NUM_WARPS * 32) {
-    const int g = idx / HEAD_DIM;
+  for (int idx = threadIdx.x; idx < nrows * HEAD_DIM; idx += NUM_WARPS * 32) {
+    const int r = idx / HEAD_DIM;
     const int d = idx % HEAD_DIM;
     float M = RAYTP_NEG_INF;
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) M = fmaxf(M, sm_m[w * GQA + g]);
+    for (int w = 0; w < NUM_WARPS; ++w) M = fmaxf(M, sm_m[w * 16 + r]);
     float L = 0.f, O = 0.f;
     if (M != RAYTP_NEG_INF) {
 #pragma unroll
       for (int w = 0; w < NUM_WARPS; ++w) {
-        const float f = exp2f(sm_m[w * GQA + g] - M);
-        L = fmaf(sm_l[w * GQA + g], f, L);
-        O = fmaf(sm_acc[(w * GQA + g) * HEAD_DIM + d], f, O);
+        const float f = exp2f(sm_m[w * 16 + r] - M);  // 0 for a warp that saw no tile
+        L = fmaf(sm_l[w * 16 + r], f, L);
+        O = fmaf(sm_o[(w * 16 + r) * SO_STRIDE + d], f, O);
       }
     }
-    const float o = L > 0.f ? O / L : 0.f;
-    const int hq = kvh * GQA + g;
+    const float val = L > 0.f ? O / L : 0.f;
+    const int hq = h0 + r;
     if (num_parts == 1) {
-      DT<T>::store(out, ((long long)b * num_heads + hq) * HEAD_DIM + d, o);
+      DT<T>::store(out, ((long long)b * num_heads + hq) * HEAD_DIM + d, val);
     } else {
       const long long pi = ((long long)b * num_heads + hq) * num_parts + part;
-      part_out[pi * HEAD_DIM + d] = o;
+      part_out[pi * HEAD_DIM + d] = val;
       if (d == 0) {
         part_max[pi] = M;
         part_sum[pi] = L;
@@ -359,8 +421,9 @@ paged_attention_decode_kernel(
   }
 }
 
-// Merges the partitions of the split kernel. Grid (Hq, B); dynamic shared
-// memory: num_parts floats.
+// Merges the partitions of the split kernel. Grid (Hq, B), 128 threads;
+// dynamic shared memory: num_parts floats. max_tokens = max_blocks * BLOCK_SIZE
+// (the decode kernel clamps contexts to it too).
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(128)
 paged_attention_reduce_kernel(
@@ -369,12 +432,12 @@ paged_attention_reduce_kernel(
     const float* __restrict__ part_max,    // [B, Hq, P]
     const float* __restrict__ part_sum,    // [B, Hq, P]
     const int* __restrict__ context_lens,  // [B]
-    int num_parts, int partition_tokens) {
+    int num_parts, int partition_tokens, int max_tokens) {
   extern __shared__ float sm_w[];
   const int h = blockIdx.x;
   const int b = blockIdx.y;
   const int num_heads = gridDim.x;
-  const int ctx = context_lens[b];
+  const int ctx = min(context_lens[b], max_tokens);
   const int n_p = min(num_parts, (ctx + partition_tokens - 1) / partition_tokens);
   const long long base = ((long long)b * num_heads + h) * num_parts;
 
@@ -389,8 +452,8 @@ paged_attention_reduce_kernel(
   for (int p = 0; p < n_p; ++p) total += sm_w[p];
   const float inv = total > 0.f ? 1.f / total : 0.f;
   for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
-    float o = 0.f;
-    for (int p = 0; p < n_p; ++p) o = fmaf(sm_w[p], part_out[(base + p) * HEAD_DIM + d], o);
-    DT<T>::store(out, ((long long)b * num_heads + h) * HEAD_DIM + d, o * inv);
+    float acc = 0.f;
+    for (int p = 0; p < n_p; ++p) acc = fmaf(sm_w[p], part_out[(base + p) * HEAD_DIM + d], acc);
+    DT<T>::store(out, ((long long)b * num_heads + h) * HEAD_DIM + d, acc * inv);
   }
 }

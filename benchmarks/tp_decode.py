@@ -1,0 +1,89 @@
+"""Decode step time at batch 64, TP=1 vs TP=2 on the same machine (goal: tp1/tp2 >= 1.35).
+
+For each TP size an engine gets 64 requests (short prompts, many output tokens); the
+script drives llm.engine.step() itself and times each step's wall (perf_counter),
+keeping only steps that decoded the whole batch (no prefill tokens, one token for every
+request): the median over --steps such steps, after --warmup of them. The TP=1 engine
+is shut down before the TP=2 one starts.
+
+    python3 -m benchmarks.tp_decode                         # needs 2 GPUs
+    python3 -m benchmarks.tp_decode --tps 1,2 --floor       # plus same-run GEMM floors
+    python3 -m benchmarks.tp_decode --shape tiny            # CPU smoke test (2 CPU workers)
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks.common import (add_common_args, make_llm, make_prompts, median, ms, print_table,
+                               resolve_args, sampling, wait_gpu_free, write_result)
+
+GOAL_RATIO = 1.35
+
+
+def decode_step_times(engine, batch: int, max_steps: int) -> list[tuple[float, float]]:
+    """Step the engine; (wall, rank 0's worker seconds) of each step that decoded all
+    `batch` requests (no prefill tokens, one sampled token per request)."""
+    m, times = engine.metrics, []
+    while engine.has_unfinished_requests() and len(times) < max_steps:
+        prompt0, gen0, worker0 = m.num_prompt_tokens, m.num_generated_tokens, m.worker_time_s
+        t = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t
+        if m.num_prompt_tokens == prompt0 and m.num_generated_tokens - gen0 == batch:
+            times.append((dt, m.worker_time_s - worker0))
+    return times
+
+
+def measure(args, tp: int) -> dict:
+    prompts = make_prompts(args.shape, [args.prompt_len] * args.batch, seed=tp)
+    with make_llm(args, tp=tp) as llm:
+        engine = llm.engine
+        # Enough tokens that nobody finishes before the last timed step (prefill takes a few steps).
+        max_tokens = args.warmup + args.steps + 64
+        for p in prompts:
+            engine.add_request(p, sampling(max_tokens))
+        rows = decode_step_times(engine, args.batch, args.warmup + args.steps)[args.warmup:]
+    if len(rows) < args.steps:
+        raise RuntimeError(f"tp={tp}: only {len(rows)} full-batch decode steps; raise max tokens")
+    times = [wall for wall, _ in rows]
+    return {"tp": tp, "step_ms_p50": ms(median(times)), "step_ms_min": ms(min(times)),
+            "step_ms_max": ms(max(times)), "worker_ms_p50": ms(median([w for _, w in rows])),
+            "steps": len(rows)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--tps", default="1,2", help="comma-separated TP sizes, run one after the other")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50, help="timed full-batch decode steps")
+    p.add_argument("--warmup", type=int, default=5, help="full-batch decode steps not timed")
+    p.add_argument("--floor", action="store_true", help="also measure the GEMM floor at --batch per TP")
+    args = resolve_args(p.parse_args())
+    tps = [int(t) for t in args.tps.split(",")]
+    rows = [measure(args, tp) for tp in tps]  # each engine is shut down before the next starts
+    if args.floor:
+        from benchmarks.floor import gemm_floor_ms
+        if args.device == "cuda":
+            wait_gpu_free()
+        for r in rows:
+            r["floor_ms"] = gemm_floor_ms(args.batch, tp=r["tp"], shape=args.shape, device=args.device,
+                                          dtype=args.dtype)
+            r["step_over_floor"] = round(r["step_ms_p50"] / r["floor_ms"], 3)
+    by_tp = {r["tp"]: r["step_ms_p50"] for r in rows}
+    ratio = round(by_tp[1] / by_tp[2], 3) if 1 in by_tp and 2 in by_tp else None
+    config = {k: getattr(args, k) for k in ("shape", "dtype", "batch", "prompt_len", "steps", "warmup",
+                                            "max_model_len", "enforce_eager")}
+    write_result("tp_decode", {"config": config, "goal_tp1_over_tp2": GOAL_RATIO,
+                               "results": {"rows": rows, "tp1_over_tp2": ratio}}, args.out, args.device)
+    print_table(["tp", "step_ms_p50", "step_ms_min", "worker_ms_p50", "floor_ms", "step/floor"],
+                [[r["tp"], r["step_ms_p50"], r["step_ms_min"], r["worker_ms_p50"], r.get("floor_ms"),
+                  r.get("step_over_floor")]
+                 for r in rows])
+    print(f"tp1/tp2 decode step: {ratio} (goal >= {GOAL_RATIO})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""W0 latency (DESIGN.md): 1 request, prompt 512 tokens, 128 new tokens: time per output token.
+
+TTFT is the wall time of a max_tokens=1 request, total the wall time of a max_tokens=128
+request (each on a fresh random prompt, so the prefix cache never hits); TPOT is
+(total - TTFT) / 127. Then, with the engine shut down so its memory is free, the
+weight-GEMM floor at batch 1 is measured in the same run: goal TPOT / floor <= 1.10.
+
+    python3 -m benchmarks.w0_latency                  # Llama-3-8B shapes, bf16, one GPU
+    python3 -m benchmarks.w0_latency --tp 2
+    python3 -m benchmarks.w0_latency --shape tiny     # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks.common import (add_common_args, make_llm, make_prompts, median, ms, print_table,
+                               resolve_args, sampling, wait_gpu_free, write_result)
+
+GOAL_RATIO = 1.10
+
+
+def _timed(llm, prompt: list[int], max_tokens: int) -> float:
+    t = time.perf_counter()
+    out = llm.generate(prompt, sampling(max_tokens), use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    got = len(out[0].outputs[0].token_ids)
+    if got != max_tokens:  # ignore_eos: anything else means the request did not run as asked
+        raise RuntimeError(f"asked for {max_tokens} tokens, got {got}")
+    return elapsed
+
+
+def measure_engine(args) -> dict:
+    n = 1 + 2 * args.repeats
+    prompts = make_prompts(args.shape, [args.prompt_len] * n, seed=0)
+    t0 = time.perf_counter()
+    with make_llm(args, tp=args.tp) as llm:
+        startup_s = time.perf_counter() - t0
+        _timed(llm, prompts[0], args.new_tokens)  # warm-up: first-use costs stay out of the numbers
+        ttft, total = [], []
+        for i in range(args.repeats):
+            ttft.append(_timed(llm, prompts[1 + 2 * i], 1))
+            total.append(_timed(llm, prompts[2 + 2 * i], args.new_tokens))
+        num_blocks = llm.engine.executor.num_gpu_blocks
+    tpot = [(tot - first) / (args.new_tokens - 1) for tot, first in zip(total, ttft)]
+    return {"startup_s": round(startup_s, 2), "num_gpu_blocks": num_blocks,
+            "ttft_ms": ms(median(ttft)), "total_ms": ms(median(total)), "tpot_ms": ms(median(tpot)),
+            "tpot_ms_all": [ms(x) for x in tpot]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="TTFT/total pairs; medians are reported")
+    p.add_argument("--no-floor", action="store_true", help="skip the same-run weight-GEMM floor")
+    args = resolve_args(p.parse_args())
+    res = measure_engine(args)
+    if not args.no_floor:
+        from benchmarks.floor import gemm_floor_ms
+        if args.device == "cuda":
+            res["gpu_free_fraction_before_floor"] = round(wait_gpu_free(), 3)
+        res["floor_ms_batch1"] = gemm_floor_ms(1, tp=args.tp, shape=args.shape, device=args.device,
+                                               dtype=args.dtype)
+        res["tpot_over_floor"] = round(res["tpot_ms"] / res["floor_ms_batch1"], 3)
+        res["meets_goal"] = res["tpot_over_floor"] <= GOAL_RATIO
+    config = {k: getattr(args, k) for k in ("shape", "dtype", "tp", "prompt_len", "new_tokens", "repeats",
+                                            "max_model_len", "enforce_eager")}
+    if args.device == "cpu":
+        config["note"] = "CPU smoke test: floor timed eagerly; the ratio means nothing here"
+    write_result("w0_latency", {"config": config, "goal_tpot_over_floor": GOAL_RATIO, "results": res},
+                 args.out, args.device, tag=f"tp{args.tp}")
+    print_table(["tp", "ttft_ms", "tpot_ms", "floor_ms", "tpot/floor", f"goal<={GOAL_RATIO}"],
+                [[args.tp, res["ttft_ms"], res["tpot_ms"], res.get("floor_ms_batch1"),
+                  res.get("tpot_over_floor"), res.get("meets_goal")]])
+
+
+if __name__ == "__main__":
+    main()
