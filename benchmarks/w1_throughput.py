@@ -52,8 +52,9 @@ def run_ours(args, prompts: list[list[int]]) -> dict:
         wall = time.perf_counter() - t
         snap = llm.engine.metrics.snapshot()
     _check([len(o.outputs[0].token_ids) for o in outs], len(prompts), args.new_tokens, "ours")
+    print("engine metrics (warm-up included):", json.dumps(snap), flush=True)
     return {"wall_s": round(wall, 3), "out_tok_s": round(len(prompts) * args.new_tokens / wall, 1),
-            "engine_steps": snap["steps"]}
+            "engine_steps": snap["steps"], "engine_metrics": snap}
 
 
 def run_hf_subprocess(args) -> dict:

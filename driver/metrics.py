@@ -18,6 +18,7 @@ class EngineMetrics:
     num_finished: int = 0
     step_time_s: float = 0.0  # wall time of execute_model (broadcast + workers + reply)
     worker_time_s: float = 0.0  # rank 0's own time inside execute_model
+    phase_time_s: dict = field(default_factory=dict)  # rank 0's time per step phase, summed
     _last_log: float = field(default_factory=time.monotonic)
     _window: list = field(default_factory=lambda: [0, 0])  # prompt, generated tokens since last log
 
@@ -30,6 +31,8 @@ class EngineMetrics:
         self.step_time_s += seconds
         if result is not None:
             self.worker_time_s += result.timings.get("worker_step_s", 0.0)
+            for key, value in result.timings.items():
+                self.phase_time_s[key] = self.phase_time_s.get(key, 0.0) + value
         self._window[0] += max(prompt, 0)
         self._window[1] += generated
         now = time.monotonic()
@@ -49,4 +52,5 @@ class EngineMetrics:
         return {"steps": self.num_steps, "prompt_tokens": self.num_prompt_tokens,
                 "generated_tokens": self.num_generated_tokens, "finished_requests": self.num_finished,
                 "mean_step_s": self.step_time_s / max(self.num_steps, 1),
-                "mean_worker_step_s": self.worker_time_s / max(self.num_steps, 1)}
+                "mean_worker_step_s": self.worker_time_s / max(self.num_steps, 1),
+                "total_step_s": self.step_time_s, "worker_phase_total_s": dict(self.phase_time_s)}

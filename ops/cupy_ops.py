@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ops import reference
+from ops.prefill_attention import flash_available, flash_varlen_prefill
 from ops.reference import rope_cos_sin_cache  # noqa: F401  (same API as ops.reference)
 
 _DIR = Path(__file__).resolve().parent
@@ -500,6 +501,17 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if _attn_reason(query, key_cache, value_cache):
         return reference.paged_attention(query, key_cache, value_cache, block_tables,
                                          query_start_loc, context_lens, scale)
+    if flash_available(query):
+        return flash_varlen_prefill(query, key_cache, value_cache, block_tables, query_start_loc,
+                                    context_lens, scale)
+    return _sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_loc,
+                              context_lens, scale)
+
+
+def _sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_loc,
+                       context_lens, scale) -> torch.Tensor:
+    """The fallback: one torch SDPA per sequence over its gathered K/V."""
+    bsz = block_tables.shape[0]
     t, hq, d = query.shape
     hk, bs = key_cache.shape[1], key_cache.shape[2]
     group = hq // hk

@@ -60,10 +60,12 @@ def _model_class(style: str):
 def make_checkpoint(dir: str, style: str = "llama", *, tie_word_embeddings: bool | None = None,
                     num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64, layers: int = 2,
                     intermediate: int = 128, rope_scaling: dict | None = None,
-                    max_position_embeddings: int = 512, seed: int = 0, shards: int = 1) -> str:
+                    max_position_embeddings: int = 512, seed: int = 0, shards: int = 1,
+                    init_std: float = INIT_STD) -> str:
     """Write a tiny `style` checkpoint into `dir` (created if needed); returns `dir`.
 
-    tie_word_embeddings defaults to True for qwen2 and False otherwise.
+    tie_word_embeddings defaults to True for qwen2 and False otherwise. init_std scales the
+    random weights (a wider model needs a smaller one to stay as well-conditioned).
     shards > 1 writes model.safetensors.index.json and at least `shards` files.
     """
     import torch
@@ -86,7 +88,7 @@ def make_checkpoint(dir: str, style: str = "llama", *, tie_word_embeddings: bool
         model = _model_class(style)(cfg).to(torch.float32).eval()
     # named_parameters() lists a tied lm_head once (as the embedding).
     params = dict(model.named_parameters())
-    weights = random_weights({n: tuple(p.shape) for n, p in params.items()}, seed=seed, std=INIT_STD)
+    weights = random_weights({n: tuple(p.shape) for n, p in params.items()}, seed=seed, std=init_std)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])

@@ -24,7 +24,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32: sequence b's tokens are rows [qsl[b], qsl[b+1])
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     max_query_len: int
-    max_context_len: int
+    max_context_len: int  # an upper bound on context_lens (max_model_len on GPU)
 
     @property
     def num_seqs(self) -> int:

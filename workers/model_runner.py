@@ -44,8 +44,12 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list, block_size: int,
-                 device: torch.device, rank: int, seed: int = 0):
+                 device: torch.device, rank: int, seed: int = 0, max_model_len: int | None = None):
         self.model = model
+        # On GPU, decode attention is told max_model_len as its context bound in eager steps
+        # too: the kernel then splits contexts exactly as inside the CUDA graphs, so eager and
+        # graph steps compute bit-identical results.
+        self.context_bound = max_model_len if device.type == "cuda" else None
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -99,7 +103,7 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=ctx,
                                  query_start_loc=qsl, num_decodes=int(num_decodes),
                                  max_query_len=max(so.num_scheduled_tokens),
-                                 max_context_len=max(context_lens))
+                                 max_context_len=self.context_bound or max(context_lens))
         return StepInputs(ids, pos, meta, rows, sample_ids)
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
@@ -115,24 +119,46 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
-        t0 = time.perf_counter()
+        clock = _Clock(self.device)
         self.update_states(so)
         if not so.req_ids:
             return ModelRunnerOutput(so.step_id) if self.rank == 0 else None
         inputs = self.prepare_inputs(so)
+        clock.lap("prepare_s")
         hidden = self._forward(inputs)  # [T, H]
-        if not inputs.sample_req_ids:  # only partial prefill chunks: nothing to sample
-            return ModelRunnerOutput(so.step_id) if self.rank == 0 else None
-        # Every rank joins the logits all-gather; only rank 0 samples and replies.
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
+        clock.lap("forward_s", sync=True)
+        tokens, logprobs = [], []
+        if inputs.sample_req_ids:
+            # Every rank joins the logits all-gather; only rank 0 samples and replies.
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
+            if self.rank == 0:
+                rows = [self._sampling_row(self.requests[r]) for r in inputs.sample_req_ids]
+                tokens, logprobs = self.sampler(logits, rows)
+            clock.lap("sample_s", sync=True)
         if self.rank != 0:
             return None
-        rows = [self._sampling_row(self.requests[r]) for r in inputs.sample_req_ids]
-        tokens, logprobs = self.sampler(logits, rows)
-        timings = {"worker_step_s": time.perf_counter() - t0}
-        return ModelRunnerOutput(so.step_id, inputs.sample_req_ids, tokens, logprobs, timings)
+        return ModelRunnerOutput(so.step_id, inputs.sample_req_ids if tokens else [], tokens,
+                                 logprobs, clock.timings)
 
     @staticmethod
     def _sampling_row(state: CachedRequestState) -> SamplingRow:
         return SamplingRow(state.sampling_params, state.seq_index, state.token_ids,
                            state.num_prompt_tokens, state.stop_token_ids)
+
+
+class _Clock:
+    """Per-step phase timings for metrics; `sync` waits for the device so that a phase
+    includes its GPU time (the sampler syncs anyway, so this costs little)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str, sync: bool = False) -> None:
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.timings["worker_step_s"] = now - self.start
+        self.last = now

@@ -80,11 +80,16 @@ class Worker:
         self.cache_engine = CacheEngine(cfg.model.arch, cfg.parallel.tensor_parallel_size, cfg.cache.block_size,
                                         num_gpu_blocks, num_cpu_blocks, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.cache_engine.gpu_cache, cfg.cache.block_size,
-                                  self.device, self.rank, seed=cfg.model.seed)
+                                  self.device, self.rank, seed=cfg.model.seed,
+                                  max_model_len=cfg.model.max_model_len)
         logger.info("rank %d: KV cache of %d device blocks, %d host blocks", self.rank,
                     num_gpu_blocks, num_cpu_blocks)
         if self.device.type == "cuda" and not cfg.enforce_eager:
-            self.runner.capture_graphs(cfg.scheduler.max_num_seqs, cfg.model.max_model_len)
+            if self.dtype == torch.float32:
+                # float32 runs the reference ops, which sync with the host: not capturable.
+                logger.info("rank %d: float32 runs eagerly (CUDA graphs need bf16/fp16 kernels)", self.rank)
+            else:
+                self.runner.capture_graphs(cfg.scheduler.max_num_seqs, cfg.model.max_model_len)
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
         # Cache moves first: swap-outs free device blocks the step may reuse.

@@ -1,0 +1,53 @@
+"""Prefill attention on GPU: all prefill chunks of a step in one varlen flash call.
+
+The chunks' K/V (cached prefix + this step's tokens, already written to the
+paged cache) are gathered into one packed [total_k, Hk, D] tensor, then
+FlashAttention-2's varlen kernel (shipped inside torch as
+aten._flash_attention_forward) attends each chunk's queries to its keys. With
+seqlen_q < seqlen_k its causal mask is bottom-right aligned, which is exactly
+"row i of a q_len-row chunk sits at position ctx - q_len + i"; it takes GQA
+natively (Hk divides Hq). One host sync per call: the total key count sizes
+the gather.
+"""
+from __future__ import annotations
+
+import torch
+
+_FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def flash_available(query: torch.Tensor) -> bool:
+    d = query.shape[-1]
+    return (query.is_cuda and query.dtype in _FLASH_DTYPES and d % 8 == 0 and d <= 256
+            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+              cu_k: torch.Tensor, total_k: int) -> torch.Tensor:
+    """[total_k, Hk, D]: positions [0, ctx_b) of every sequence b, packed in order."""
+    bs = cache.shape[2]
+    seq = torch.repeat_interleave(torch.arange(context_lens.shape[0], device=cache.device),
+                                  context_lens.long(), output_size=total_k)  # [total_k]
+    pos = torch.arange(total_k, device=cache.device) - cu_k[:-1].long()[seq]
+    blocks = block_tables.long()[seq, pos // bs]
+    return cache[blocks, :, pos % bs]  # advanced indices on dims 0, 2 -> [total_k, Hk, D]
+
+
+def flash_varlen_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                         context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Same contract as ops.reference.paged_attention; query [T, Hq, D] -> [T, Hq, D]."""
+    cu_k = torch.zeros(context_lens.shape[0] + 1, dtype=torch.int32, device=query.device)
+    torch.cumsum(context_lens, 0, out=cu_k[1:])
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    host = torch.stack([cu_k[-1], context_lens.max(), q_lens.max()]).tolist()  # the one sync
+    total_k, max_k, max_q = (int(x) for x in host)
+    k = gather_kv(key_cache, block_tables, context_lens, cu_k, total_k)
+    v = gather_kv(value_cache, block_tables, context_lens, cu_k, total_k)
+    out = torch.ops.aten._flash_attention_forward(
+        query.contiguous(), k, v, query_start_loc.to(torch.int32), cu_k, max_q, max_k,
+        0.0, True, False, scale=scale)[0]
+    return out.view_as(query)
+
+
+__all__ = ["flash_available", "flash_varlen_prefill", "gather_kv"]
