@@ -60,9 +60,9 @@ def profile_num_gpu_blocks(worker) -> int:
                                 worker.dtype)
     num_blocks = max(0, int(budget // per_block))
     logger.info("rank %d: total %.2f GiB x %.2f; torch peak %.2f GiB (weights + a %d-token step), "
-                   "outside torch %.2f GiB, graph reserve %.2f GiB -> KV cache %.2f GiB = %d blocks",
-                   worker.rank, total / GIB, cfg.cache.gpu_memory_utilization, peak / GIB, num_tokens,
-                   non_torch / GIB, CUDA_GRAPH_RESERVE_BYTES / GIB, num_blocks * per_block / GIB,
-                   num_blocks)
+                "outside torch %.2f GiB, graph reserve %.2f GiB -> KV cache %.2f GiB = %d blocks",
+                worker.rank, total / GIB, cfg.cache.gpu_memory_utilization, peak / GIB, num_tokens,
+                non_torch / GIB, CUDA_GRAPH_RESERVE_BYTES / GIB, num_blocks * per_block / GIB,
+                num_blocks)
     torch.cuda.empty_cache()
     return num_blocks

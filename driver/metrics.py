@@ -17,7 +17,6 @@ class EngineMetrics:
     num_generated_tokens: int = 0
     num_finished: int = 0
     step_time_s: float = 0.0  # wall time of execute_model (broadcast + workers + reply)
-    worker_time_s: float = 0.0  # rank 0's own time inside execute_model
     phase_time_s: dict = field(default_factory=dict)  # rank 0's time per step phase, summed
     _last_log: float = field(default_factory=time.monotonic)
     _window: list = field(default_factory=lambda: [0, 0])  # prompt, generated tokens since last log
@@ -30,7 +29,6 @@ class EngineMetrics:
         self.num_generated_tokens += generated
         self.step_time_s += seconds
         if result is not None:
-            self.worker_time_s += result.timings.get("worker_step_s", 0.0)
             for key, value in result.timings.items():
                 self.phase_time_s[key] = self.phase_time_s.get(key, 0.0) + value
         self._window[0] += max(prompt, 0)
@@ -44,6 +42,11 @@ class EngineMetrics:
                         scheduler.num_waiting, scheduler.num_swapped, 100 * scheduler.gpu_cache_usage,
                         100 * scheduler.prefix_cache_hit_rate)
             self._last_log, self._window = now, [0, 0]
+
+    @property
+    def worker_time_s(self) -> float:
+        """Rank 0's own time inside execute_model, summed over steps."""
+        return self.phase_time_s.get("worker_step_s", 0.0)
 
     def record_finished(self, group) -> None:
         self.num_finished += 1

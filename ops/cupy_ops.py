@@ -32,10 +32,9 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ops import reference
-from ops.prefill_attention import flash_available, flash_varlen_prefill
+from ops.prefill_attention import flash_available, flash_varlen_prefill, sdpa_per_sequence
 from ops.reference import rope_cos_sin_cache  # noqa: F401  (same API as ops.reference)
 
 _DIR = Path(__file__).resolve().parent
@@ -480,20 +479,11 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
     return out
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, ctx: int) -> torch.Tensor:
-    """[Hk, ctx, D]: the first ctx positions of a sequence whose blocks are `blocks`."""
-    g = cache[blocks]  # [n, Hk, bs, D]
-    return g.transpose(0, 1).flatten(1, 2)[:, :ctx]
-
-
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Varlen causal attention over the paged cache (prefill chunks, cached prefixes).
-
-    Per sequence: gather its K/V by block table, then torch SDPA (bottom-right
-    causal: row i of q_len rows sits at position ctx - q_len + i). One host sync.
-    """
+    """Varlen causal attention over the paged cache (prefill chunks, cached prefixes):
+    see ops/prefill_attention.py. One host sync."""
     _check_attention(query, key_cache, value_cache, block_tables, context_lens)
     bsz = block_tables.shape[0]
     if query_start_loc.shape != (bsz + 1,):
@@ -504,44 +494,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if flash_available(query):
         return flash_varlen_prefill(query, key_cache, value_cache, block_tables, query_start_loc,
                                     context_lens, scale)
-    return _sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_loc,
+    return sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_loc,
                               context_lens, scale)
-
-
-def _sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_loc,
-                       context_lens, scale) -> torch.Tensor:
-    """The fallback: one torch SDPA per sequence over its gathered K/V."""
-    bsz = block_tables.shape[0]
-    t, hq, d = query.shape
-    hk, bs = key_cache.shape[1], key_cache.shape[2]
-    group = hq // hk
-    out = torch.empty((t, hq, d), dtype=query.dtype, device=query.device)
-    # One host sync for both.
-    host = torch.cat([query_start_loc.to(torch.int64), context_lens.to(torch.int64)]).tolist()
-    starts, ctxs = host[:bsz + 1], host[bsz + 1:]
-    for b, ctx in enumerate(ctxs):
-        s, e = starts[b], starts[b + 1]
-        q_len = e - s
-        if q_len == 0:
-            continue
-        if q_len > ctx:
-            raise ValueError(f"sequence {b}: {q_len} query rows but context length {ctx}")
-        blocks = block_tables[b, :-(-ctx // bs)].long()
-        k = _gather(key_cache, blocks, ctx)[None]    # [1, Hk, ctx, D]
-        v = _gather(value_cache, blocks, ctx)[None]
-        q = query[s:e].transpose(0, 1)[None]         # [1, Hq, q_len, D]
-        if q_len == ctx:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                               enable_gqa=group > 1)
-        else:
-            if group > 1:  # explicit masks rule out the GQA-aware kernels: expand K/V
-                k = k.repeat_interleave(group, dim=1)
-                v = v.repeat_interleave(group, dim=1)
-            q_pos = torch.arange(ctx - q_len, ctx, device=query.device)
-            mask = torch.arange(ctx, device=query.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        out[s:e] = o[0].transpose(0, 1)
-    return out
 
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache",

@@ -12,6 +12,7 @@ the gather.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -50,4 +51,47 @@ def flash_varlen_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     return out.view_as(query)
 
 
-__all__ = ["flash_available", "flash_varlen_prefill", "gather_kv"]
+def _gather_sequence(cache: torch.Tensor, blocks: torch.Tensor, ctx: int) -> torch.Tensor:
+    """[Hk, ctx, D]: the first ctx positions of a sequence whose blocks are `blocks`."""
+    g = cache[blocks]  # [n, Hk, bs, D]
+    return g.transpose(0, 1).flatten(1, 2)[:, :ctx]
+
+
+def sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_loc,
+                       context_lens, scale) -> torch.Tensor:
+    """The fallback (no flash kernel for this dtype/shape): one torch SDPA per sequence
+    over its gathered K/V, bottom-right causal."""
+    bsz = block_tables.shape[0]
+    t, hq, d = query.shape
+    hk, bs = key_cache.shape[1], key_cache.shape[2]
+    group = hq // hk
+    out = torch.empty((t, hq, d), dtype=query.dtype, device=query.device)
+    # One host sync for both.
+    host = torch.cat([query_start_loc.to(torch.int64), context_lens.to(torch.int64)]).tolist()
+    starts, ctxs = host[:bsz + 1], host[bsz + 1:]
+    for b, ctx in enumerate(ctxs):
+        s, e = starts[b], starts[b + 1]
+        q_len = e - s
+        if q_len == 0:
+            continue
+        if q_len > ctx:
+            raise ValueError(f"sequence {b}: {q_len} query rows but context length {ctx}")
+        blocks = block_tables[b, :-(-ctx // bs)].long()
+        k = _gather_sequence(key_cache, blocks, ctx)[None]    # [1, Hk, ctx, D]
+        v = _gather_sequence(value_cache, blocks, ctx)[None]
+        q = query[s:e].transpose(0, 1)[None]         # [1, Hq, q_len, D]
+        if q_len == ctx:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=group > 1)
+        else:
+            if group > 1:  # explicit masks rule out the GQA-aware kernels: expand K/V
+                k = k.repeat_interleave(group, dim=1)
+                v = v.repeat_interleave(group, dim=1)
+            q_pos = torch.arange(ctx - q_len, ctx, device=query.device)
+            mask = torch.arange(ctx, device=query.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out[s:e] = o[0].transpose(0, 1)
+    return out
+
+
+__all__ = ["flash_available", "flash_varlen_prefill", "gather_kv", "sdpa_per_sequence"]

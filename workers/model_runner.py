@@ -81,7 +81,7 @@ class ModelRunner:
         for state, n in zip(states, so.num_scheduled_tokens):
             start = state.num_computed_tokens
             end = start + n
-            pos = np.arange(start, end)
+            pos = np.arange(start, end, dtype=np.int64)
             table = np.asarray(state.block_ids, dtype=np.int64)
             input_ids.append(np.asarray(state.token_ids[start:end], dtype=np.int64))
             positions.append(pos)
@@ -97,7 +97,7 @@ class ModelRunner:
         for i, state in enumerate(states):
             block_tables[i, :len(state.block_ids)] = state.block_ids
         ids, pos, slot_mapping, rows, tables, ctx, qsl = self.staging.to_device([
-            np.concatenate(input_ids), np.concatenate(positions).astype(np.int64),
+            np.concatenate(input_ids), np.concatenate(positions),
             np.concatenate(slots), np.asarray(sample_rows, dtype=np.int64), block_tables,
             np.asarray(context_lens, dtype=np.int32), np.asarray(query_start, dtype=np.int32)])
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=ctx,
