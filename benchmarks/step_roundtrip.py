@@ -47,7 +47,7 @@ def measure(model: str, tp: int, device: str, steps: int) -> dict:
     return {"tp": tp, "device": device,
             "empty_step_ms": {"p50": ms(statistics.median(empty)), "p99": ms(_pct(empty, 0.99))},
             "decode_step_ms": {"p50": ms(statistics.median(step)), "p99": ms(_pct(step, 0.99))},
-            "rank0_worker_ms_mean": ms(snap["mean_worker_step_s"]), "steps": steps}
+            "rank0_gpu_ms_mean": ms(snap["mean_gpu_step_s"]), "steps": steps}
 
 
 def main() -> None:

@@ -22,16 +22,16 @@ GOAL_RATIO = 1.35
 
 
 def decode_step_times(engine, batch: int, max_steps: int) -> list[tuple[float, float]]:
-    """Step the engine; (wall, rank 0's worker seconds) of each step that decoded all
+    """Step the engine; (wall, rank 0's GPU seconds) of each step that decoded all
     `batch` requests (no prefill tokens, one sampled token per request)."""
     m, times = engine.metrics, []
     while engine.has_unfinished_requests() and len(times) < max_steps:
-        prompt0, gen0, worker0 = m.num_prompt_tokens, m.num_generated_tokens, m.worker_time_s
+        prompt0, gen0, gpu0 = m.num_prompt_tokens, m.num_generated_tokens, m.gpu_time_s
         t = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t
         if m.num_prompt_tokens == prompt0 and m.num_generated_tokens - gen0 == batch:
-            times.append((dt, m.worker_time_s - worker0))
+            times.append((dt, m.gpu_time_s - gpu0))
     return times
 
 
@@ -48,7 +48,7 @@ def measure(args, tp: int) -> dict:
         raise RuntimeError(f"tp={tp}: only {len(rows)} full-batch decode steps; raise max tokens")
     times = [wall for wall, _ in rows]
     return {"tp": tp, "step_ms_p50": ms(median(times)), "step_ms_min": ms(min(times)),
-            "step_ms_max": ms(max(times)), "worker_ms_p50": ms(median([w for _, w in rows])),
+            "step_ms_max": ms(max(times)), "gpu_ms_p50": ms(median([w for _, w in rows])),
             "steps": len(rows)}
 
 
@@ -78,8 +78,8 @@ def main() -> None:
                                             "max_model_len", "enforce_eager")}
     write_result("tp_decode", {"config": config, "goal_tp1_over_tp2": GOAL_RATIO,
                                "results": {"rows": rows, "tp1_over_tp2": ratio}}, args.out, args.device)
-    print_table(["tp", "step_ms_p50", "step_ms_min", "worker_ms_p50", "floor_ms", "step/floor"],
-                [[r["tp"], r["step_ms_p50"], r["step_ms_min"], r["worker_ms_p50"], r.get("floor_ms"),
+    print_table(["tp", "step_ms_p50", "step_ms_min", "gpu_ms_p50", "floor_ms", "step/floor"],
+                [[r["tp"], r["step_ms_p50"], r["step_ms_min"], r["gpu_ms_p50"], r.get("floor_ms"),
                   r.get("step_over_floor")]
                  for r in rows])
     print(f"tp1/tp2 decode step: {ratio} (goal >= {GOAL_RATIO})")

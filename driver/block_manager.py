@@ -219,10 +219,11 @@ class BlockManager:
         return num_cached
 
     def mark_computed(self, seq: Sequence) -> None:
-        """After a step: register blocks that became full and computed."""
+        """After a step: register blocks that became full and computed. Only known tokens
+        count: with async scheduling, computed may run one pending token ahead."""
         if not self.enable_prefix_caching or seq.seq_id in self._on_cpu:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         start = self._num_registered.get(seq.seq_id, 0)
         for i in range(start, num_full):
             self.gpu.register(seq.block_table[i], self._block_hash(seq, i))

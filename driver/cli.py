@@ -29,6 +29,8 @@ ENGINE_HELP = {
     "max_num_batched_tokens": "most tokens in one step (the token budget)",
     "enable_chunked_prefill": "split long prompts into chunks that share steps with decodes",
     "preemption_mode": "when KV blocks run out: recompute or swap",
+    "async_scheduling": "schedule the next step while the current one runs on the workers "
+                        "(hides driver and Ray time; default: on)",
 }
 
 

@@ -121,6 +121,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"  # recompute | swap
+    async_scheduling: bool = True  # schedule step N+1 while step N runs (hides driver + Ray time)
 
 
 @dataclass(frozen=True)

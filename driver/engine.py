@@ -1,15 +1,21 @@
 """The engine loop: schedule, broadcast to the workers, update, detokenize, emit.
 
-    so = scheduler.schedule()                  # what runs this step
-    result = executor.execute_model(so)        # every TP rank runs it; rank 0 replies
+    submit(scheduler.schedule())               # every TP rank runs it; rank 0 replies
+    if async_scheduling:
+        submit(scheduler.schedule())           # step N+1, queued while step N runs
+    so, result = collect(oldest step)
     groups = scheduler.update_from_output(so, result)
     return [make_output(g) for g in groups]    # detokenize, stop strings, outputs
+
+With async scheduling the driver's work (update, detokenize, schedule) and the Ray round
+trip overlap the GPU's: the workers find their next step already queued.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from driver.config import EngineConfig
@@ -50,6 +56,8 @@ class LLMEngine:
         self.groups: dict[str, SequenceGroup] = {}
         self.texts: dict[str, _TextState] = {}
         self._ids = itertools.count()
+        self._in_flight: deque = deque()  # (SchedulerOutput, executor handle), oldest first
+        self._max_in_flight = 2 if config.scheduler.async_scheduling else 1
         self.dead: Exception | None = None
 
     # ---- requests ----
@@ -88,19 +96,28 @@ class LLMEngine:
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
+        """Run (at least) one step and return the outputs of the oldest one in flight."""
         self._check_alive()
-        so = self.scheduler.schedule()
-        if so.is_empty:
-            return []
         start = time.perf_counter()
-        try:
-            result = self.executor.execute_model(so)
-        except Exception as e:
-            self._fail(e)
-            raise EngineDeadError(f"the engine stopped: {e}") from e
+        while len(self._in_flight) < self._max_in_flight:
+            so = self.scheduler.schedule()
+            if so.is_empty:
+                break
+            self._in_flight.append((so, self._call(self.executor.submit, so)))
+        if not self._in_flight:
+            return []
+        so, handle = self._in_flight.popleft()
+        result = self._call(self.executor.collect, handle)
         groups = self.scheduler.update_from_output(so, result)
         self.metrics.record_step(so, result, time.perf_counter() - start, self.scheduler)
         return [self._make_output(g) for g in groups]
+
+    def _call(self, fn, arg):
+        try:
+            return fn(arg)
+        except Exception as e:
+            self._fail(e)
+            raise EngineDeadError(f"the engine stopped: {e}") from e
 
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
         completions = [self._completion(group, seq) for seq in group.seqs]

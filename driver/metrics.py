@@ -16,7 +16,7 @@ class EngineMetrics:
     num_prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     num_generated_tokens: int = 0
     num_finished: int = 0
-    step_time_s: float = 0.0  # wall time of execute_model (broadcast + workers + reply)
+    step_time_s: float = 0.0  # wall time of engine.step() (async: its share of overlapped steps)
     phase_time_s: dict = field(default_factory=dict)  # rank 0's time per step phase, summed
     _last_log: float = field(default_factory=time.monotonic)
     _window: list = field(default_factory=lambda: [0, 0])  # prompt, generated tokens since last log
@@ -44,9 +44,10 @@ class EngineMetrics:
             self._last_log, self._window = now, [0, 0]
 
     @property
-    def worker_time_s(self) -> float:
-        """Rank 0's own time inside execute_model, summed over steps."""
-        return self.phase_time_s.get("worker_step_s", 0.0)
+    def gpu_time_s(self) -> float:
+        """Rank 0's device time, summed over steps: each step's span on the device (on a
+        CPU worker, its host time)."""
+        return self.phase_time_s.get("gpu_step_s", 0.0)
 
     def record_finished(self, group) -> None:
         self.num_finished += 1
@@ -55,5 +56,5 @@ class EngineMetrics:
         return {"steps": self.num_steps, "prompt_tokens": self.num_prompt_tokens,
                 "generated_tokens": self.num_generated_tokens, "finished_requests": self.num_finished,
                 "mean_step_s": self.step_time_s / max(self.num_steps, 1),
-                "mean_worker_step_s": self.worker_time_s / max(self.num_steps, 1),
+                "mean_gpu_step_s": self.gpu_time_s / max(self.num_steps, 1),
                 "total_step_s": self.step_time_s, "worker_phase_total_s": dict(self.phase_time_s)}

@@ -9,7 +9,8 @@ request with n > 1 has n of them). A sequence is sent in full once
 (`NewRequestData`) and afterwards only as a delta (`CachedRequestData`). A
 sequence that finishes, is aborted or is preempted is listed in
 `finished_req_ids` and forgotten by the workers; if it resumes it is sent in
-full again.
+full again. Workers append the tokens they sample to their own copy, so a delta
+never carries tokens.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ class NewRequestData:
 @dataclass
 class CachedRequestData:
     req_id: str
-    new_token_ids: list[int]  # tokens the workers have not seen yet (the ones sampled since)
     new_block_ids: list[int]  # appended to the block table
     num_computed_tokens: int
 

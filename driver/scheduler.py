@@ -14,7 +14,14 @@ at the first that does not fit. The batch lists decodes first, then prefill chun
 Worker contract (see driver/protocol.py): per step, forget `finished_req_ids` first,
 then register `new_reqs`, apply `cached_reqs` deltas, then do the block operations in
 the order swap_out, swap_in, copy, and only then run the forward. A sequence samples
-a token iff num_computed_tokens + num_scheduled == len(token_ids) after the deltas.
+a token iff num_computed_tokens + num_scheduled == len(token_ids) after the deltas, and
+every worker appends that token to its own copy (the driver never sends it back).
+
+Async scheduling: schedule() advances num_computed_tokens at once, and a sequence that
+will sample counts the token as pending (`num_pending`) until update_from_output brings
+it. So step N+1 can be scheduled while step N runs: a decode whose input token is still
+pending is scheduled as usual (the workers already hold that token). At most two steps
+are in flight, and step N is always updated before step N+2 is scheduled.
 """
 from __future__ import annotations
 
@@ -55,9 +62,9 @@ class Scheduler:
         self._next_arrival = 0
         # Ids the workers know that they must forget; drained into the next SchedulerOutput.
         self._pending_finished: list[str] = []
-        # step_id -> the (seq, num_tokens) it scheduled, in batch order; objects, not ids,
-        # so an id reused after an abort cannot be confused with the old sequence.
-        self._in_flight: dict[int, list[tuple[Sequence, int]]] = {}
+        # step_id -> the (seq, num_tokens, samples) it scheduled, in batch order; objects, not
+        # ids, so an id reused after an abort cannot be confused with the old sequence.
+        self._in_flight: dict[int, list[tuple[Sequence, int, bool]]] = {}
         self._step_id = 0
         self.num_preempted_total = 0
         self.num_swapped_out_total = 0
@@ -148,23 +155,31 @@ class Scheduler:
             budget = self._schedule_swapped(budget, scheduled, out)
             if not self.swapped:
                 self._schedule_waiting(budget, scheduled)
-        self._build_output(out, scheduled, resend)
-        if scheduled:
-            self._in_flight[out.step_id] = scheduled
+        entries = self._build_output(out, scheduled, resend)
+        if entries:
+            self._in_flight[out.step_id] = entries
         return out
 
     def _num_new_tokens(self, seq: Sequence, budget: int, num_computed: int | None = None) -> int:
         """Tokens to schedule for seq now: its uncomputed ones (an unforked parent only up
         to the fork point), chunked to the budget, or all-or-nothing without chunking."""
         group = self._group_of[seq.seq_id]
-        limit = group.prefill_target if not group.forked else seq.num_tokens
+        limit = group.prefill_target if not group.forked else seq.num_tokens + seq.num_pending
         computed = seq.num_computed_tokens if num_computed is None else num_computed
         wanted = limit - computed
-        if wanted <= 0 or budget <= 0:
+        if wanted <= 0 or budget <= 0 or self._ends_with_pending(seq, group.sampling_params):
             return 0
         if self.config.enable_chunked_prefill:
             return min(wanted, budget)
         return wanted if wanted <= budget else 0
+
+    def _ends_with_pending(self, seq: Sequence, p: SamplingParams) -> bool:
+        """Whether the tokens in flight surely end seq (length limits): no step for it then."""
+        if not seq.num_pending:
+            return False
+        num_out = seq.num_output_tokens + seq.num_pending
+        return (p.max_tokens is not None and num_out >= p.max_tokens) or \
+            seq.num_tokens + seq.num_pending >= self.max_model_len
 
     def _schedule_running(self, budget: int, scheduled: list, resend: set,
                           out: SchedulerOutput) -> int:
@@ -222,7 +237,9 @@ class Scheduler:
         bm, slots = self.block_manager, self._num_seq_slots()
         while self.swapped:
             seq = self.swapped[0]
-            if slots + self._slots(seq) > self.config.max_num_seqs:
+            # (A token in flight comes before it may resume; by the order of updates
+            # above this never holds one, but resuming without it would lose it.)
+            if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs:
                 break
             num_new = self._num_new_tokens(seq, budget)
             # An unforked parent is forked right after reaching its target while running,
@@ -244,7 +261,7 @@ class Scheduler:
         bm, slots = self.block_manager, self._num_seq_slots()
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if slots + self._slots(seq) > self.config.max_num_seqs:
+            if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs:
                 break
             num_cached = bm.num_cached_prefix_tokens(seq)
             num_new = self._num_new_tokens(seq, budget, num_computed=num_cached)
@@ -283,9 +300,11 @@ class Scheduler:
         eos = () if params.ignore_eos else self.eos_token_ids
         return eos + tuple(t for t in params.stop_token_ids if t not in eos)
 
-    def _build_output(self, out: SchedulerOutput, scheduled: list, resend: set) -> None:
+    def _build_output(self, out: SchedulerOutput, scheduled: list,
+                      resend: set) -> list[tuple[Sequence, int, bool]]:
         # Decodes (exactly one uncomputed token) first, then prefill chunks; stable order.
         scheduled.sort(key=lambda item: item[0].num_uncomputed_tokens != 1)
+        entries = []
         for seq, num_new in scheduled:
             if seq.seq_id in resend:
                 # Copy-on-write replaced a table entry the workers know: a delta cannot say
@@ -293,6 +312,10 @@ class Scheduler:
                 self._pending_finished.append(seq.seq_id)
                 seq.num_tokens_sent = seq.num_blocks_sent = 0
             if seq.num_tokens_sent == 0:
+                # Only a sequence with nothing pending is sent in full (a fresh copy on the
+                # workers would lack the pending token): copy-on-write happens only at a
+                # child's first step, and resumed sequences got their token before resuming.
+                assert not seq.num_pending, f"{seq.seq_id} sent in full with a token in flight"
                 params = self._group_of[seq.seq_id].sampling_params
                 out.new_reqs.append(NewRequestData(
                     req_id=seq.seq_id, token_ids=list(seq.token_ids),
@@ -300,49 +323,52 @@ class Scheduler:
                     num_computed_tokens=seq.num_computed_tokens, sampling_params=params,
                     seq_index=seq.seq_index, stop_token_ids=self._stop_token_ids(params)))
             else:
+                assert seq.num_tokens_sent == seq.num_tokens, "workers know every known token"
                 out.cached_reqs.append(CachedRequestData(
-                    req_id=seq.seq_id, new_token_ids=seq.token_ids[seq.num_tokens_sent:],
-                    new_block_ids=seq.block_table[seq.num_blocks_sent:],
+                    req_id=seq.seq_id, new_block_ids=seq.block_table[seq.num_blocks_sent:],
                     num_computed_tokens=seq.num_computed_tokens))
             seq.num_tokens_sent = seq.num_tokens
             seq.num_blocks_sent = len(seq.block_table)
             out.req_ids.append(seq.seq_id)
             out.num_scheduled_tokens.append(num_new)
+            seq.num_computed_tokens += num_new  # now, so the next step can be scheduled early
+            samples = seq.num_computed_tokens == seq.num_tokens + seq.num_pending
+            seq.num_pending += samples
+            entries.append((seq, num_new, samples))
         out.finished_req_ids = self._pending_finished
         self._pending_finished = []
         self.num_scheduled_tokens_last_step = out.total_num_scheduled_tokens
+        return entries
 
     # ---- results ------------------------------------------------------------------------
     def update_from_output(self, sched_out: SchedulerOutput,
                            runner_out: ModelRunnerOutput) -> list[SequenceGroup]:
-        """Advance computed counts, append sampled tokens, apply stop conditions.
+        """Append the sampled tokens, register newly full blocks, apply stop conditions.
         Returns the groups that got a new token or finished, in batch order."""
-        scheduled = self._in_flight.pop(sched_out.step_id, [])
-        by_id: dict[str, Sequence] = {}
-        for seq, num_new in scheduled:
-            if seq.status.is_finished:
-                continue  # aborted between schedule() and now
-            seq.num_computed_tokens += num_new
-            self.block_manager.mark_computed(seq)
-            by_id[seq.seq_id] = seq
+        sampled = {r: i for i, r in enumerate(runner_out.req_ids)}
         touched: dict[str, SequenceGroup] = {}
         now = time.monotonic()
-        for i, (req_id, token) in enumerate(zip(runner_out.req_ids, runner_out.sampled_token_ids)):
-            seq = by_id.get(req_id)
-            if seq is None or seq.status.is_finished:
-                continue
-            assert seq.num_computed_tokens == seq.num_tokens, \
-                f"{req_id} sampled but has {seq.num_uncomputed_tokens} uncomputed tokens"
-            logprobs = runner_out.logprobs[i] if i < len(runner_out.logprobs) else None
-            seq.append_token(token, logprobs)
-            group = self._group_of[seq.seq_id]
-            if group.first_token_time is None:
-                group.first_token_time = now
-            touched[group.request_id] = group
-            status = self._check_stop(seq, token, group.sampling_params)
-            if status is not None:
-                self._finish(seq, status)
+        for seq, _, samples in self._in_flight.pop(sched_out.step_id, []):
+            seq.num_pending -= samples
+            if seq.status is _S.RUNNING:  # before a stop frees the blocks
+                self.block_manager.mark_computed(seq)
+            if samples and not seq.status.is_finished:  # (else aborted or stopped since)
+                self._append_sampled(seq, runner_out, sampled[seq.seq_id], now, touched)
         return list(touched.values())
+
+    def _append_sampled(self, seq: Sequence, runner_out: ModelRunnerOutput, i: int, now: float,
+                        touched: dict[str, SequenceGroup]) -> None:
+        logprobs = runner_out.logprobs[i] if i < len(runner_out.logprobs) else None
+        seq.append_token(runner_out.sampled_token_ids[i], logprobs)
+        if seq.num_tokens_sent:  # the workers appended it themselves
+            seq.num_tokens_sent += 1
+        group = self._group_of[seq.seq_id]
+        if group.first_token_time is None:
+            group.first_token_time = now
+        touched[group.request_id] = group
+        status = self._check_stop(seq, seq.token_ids[-1], group.sampling_params)
+        if status is not None:
+            self._finish(seq, status)
 
     def _check_stop(self, seq: Sequence, token: int, p: SamplingParams) -> SequenceStatus | None:
         if token in self._stop_token_ids(p) and seq.num_output_tokens >= p.min_tokens:
@@ -391,9 +417,15 @@ class Scheduler:
                 assert seq.status is status, f"{seq.seq_id} is {seq.status} in the {status} queue"
                 assert bm.is_swapped_out(seq) == (status is _S.SWAPPED)
                 assert len(seq.block_table) * self.block_size >= seq.num_computed_tokens
-                assert seq.num_computed_tokens <= seq.num_tokens
+                assert seq.num_computed_tokens <= seq.num_tokens + seq.num_pending
         for seq in self.waiting:
             assert not seq.block_table and seq.num_computed_tokens == 0, f"{seq.seq_id} waits holding blocks"
+        pending: dict[Sequence, int] = {}
+        for entries in self._in_flight.values():
+            for seq, _, samples in entries:
+                pending[seq] = pending.get(seq, 0) + samples
+        for seq in self.live_seqs():
+            assert seq.num_pending == pending.get(seq, 0), f"{seq.seq_id}: pending count off"
         assert self._num_seq_slots() <= self.config.max_num_seqs
         bm.check_invariants(self.live_seqs())
 

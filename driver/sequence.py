@@ -24,8 +24,9 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """One completion. Invariant: num_computed_tokens <= len(token_ids); the K/V of
-    tokens [0, num_computed_tokens) live in the blocks of block_table."""
+    """One completion. Invariant: num_computed_tokens <= len(token_ids) + num_pending; the
+    K/V of positions [0, num_computed_tokens) live in (or, for steps in flight, are being
+    written to) the blocks of block_table."""
 
     seq_id: str
     seq_index: int  # which of the request's n completions
@@ -37,6 +38,7 @@ class Sequence:
     num_tokens_sent: int = 0  # tokens the workers know (0: not known to the workers at all)
     num_blocks_sent: int = 0  # block-table entries the workers know
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
+    num_pending: int = 0  # tokens that steps in flight will sample, not yet known here
     output_logprobs: list[dict[int, float] | None] = field(default_factory=list)
 
     @property
@@ -53,7 +55,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens
 
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
         self.token_ids.append(token_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -35,6 +36,8 @@ class RayExecutor:
         self.engine_id = uuid.uuid4().hex[:8]
         self.workers: list = []
         self.pg = None
+        self._calls: deque[list] = deque()  # per submitted call, every rank's ref; oldest first
+        self._outputs: dict[int, ModelRunnerOutput] = {}  # received, not yet collected
         _init_ray(config.parallel.ray_address)
         try:
             self._start_workers()
@@ -79,10 +82,30 @@ class RayExecutor:
                     self.tp, num_gpu, self.config.cache.block_size, num_cpu)
         return num_gpu, num_cpu
 
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def submit(self, so: SchedulerOutput) -> int:
+        """Start a step on every rank; returns its id for collect(). A rank runs its calls
+        in submission order; each returns the outputs of the steps it saw finish (on GPU
+        usually the step before it: see workers/model_runner.py)."""
         ref = ray.put(so)  # serialized once, read by every rank
-        results = self._wait_all([w.execute_model.remote(ref) for w in self.workers])
-        return results[0]
+        self._calls.append([w.execute_model.remote(ref) for w in self.workers])
+        return so.step_id
+
+    def collect(self, step_id: int) -> ModelRunnerOutput:
+        """Wait for a submitted step's output (rank 0's), or raise WorkerDiedError."""
+        flushed = False
+        while step_id not in self._outputs:
+            if not self._calls:
+                if flushed:
+                    self.shutdown()
+                    raise WorkerDiedError(f"no output for step {step_id}: driver and workers are out of step")
+                self._calls.append([w.flush.remote() for w in self.workers])
+                flushed = True
+            for out in self._wait_all(self._calls.popleft())[0]:
+                self._outputs[out.step_id] = out
+        return self._outputs.pop(step_id)
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.submit(so))
 
     def _run_all(self, method: str, *args) -> list:
         return self._wait_all([getattr(w, method).remote(*args) for w in self.workers])

@@ -2,8 +2,15 @@
 
 Each worker keeps a copy of every live sequence's state (token ids, block table,
 computed count), created from a NewRequestData and advanced by the deltas of
-CachedRequestData. The batch order is the scheduler's: decodes first (one token
-each), then prefill chunks.
+CachedRequestData and by the tokens it samples itself. The batch order is the
+scheduler's: decodes first (one token each), then prefill chunks.
+
+On GPU the device never waits for the host between steps: `execute_model(step N+1)`
+queues N+1's forward first and only then waits for step N's sampled tokens, whose
+output it returns (`flush` returns the last one). Until they arrive on the host, N's
+tokens are PLACEHOLDERs in the states; a decode of N+1 that reads one gets it on the
+device, from N's token tensor (rank 0 broadcasts it to the other ranks). A CPU worker
+computes synchronously and returns each step's output from the step's own call.
 """
 from __future__ import annotations
 
@@ -15,10 +22,13 @@ import torch
 
 from driver.protocol import ModelRunnerOutput, SchedulerOutput
 from driver.sampling_params import SamplingParams
+from workers import parallel_state
 from workers.attention import AttentionMetadata
 from workers.cuda_graphs import DecodeGraphs
 from workers.staging import StagingBuffer
-from workers.sampler import Sampler, SamplingRow
+from workers.sampler import Sampler, SamplerOutput, SamplingRow, to_host
+
+PLACEHOLDER = -1  # a sampled token still on its way to the host
 
 
 @dataclass
@@ -31,6 +41,7 @@ class CachedRequestState:
     sampling_params: SamplingParams
     seq_index: int
     stop_token_ids: tuple[int, ...]
+    pending_index: int = -1  # with a PLACEHOLDER last: its row in the step's token tensor
 
 
 @dataclass
@@ -40,6 +51,18 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled]: the last scheduled token of each sampling seq
     sample_req_ids: list[str]
+
+
+@dataclass
+class _StepInFlight:
+    """A step whose sampled tokens are still on their way to the host."""
+
+    step_id: int
+    states: list[CachedRequestState]  # the sampling sequences, in order
+    tokens: torch.Tensor | None  # [num_sampled] on the device, on every rank
+    host: SamplerOutput | None  # its copy in (pinned) host memory; logprobs on rank 0 only
+    rows: list[SamplingRow]  # rank 0: what was sampled (for the logprob dicts)
+    timer: "_StepTimer"
 
 
 class ModelRunner:
@@ -58,6 +81,7 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.staging = StagingBuffer(device)
         self.graphs: DecodeGraphs | None = None  # set by capture_graphs (GPU, not enforce_eager)
+        self._prev: _StepInFlight | None = None  # queued, its output not yet returned
 
     def update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -68,16 +92,16 @@ class ModelRunner:
                 new.num_computed_tokens, new.sampling_params, new.seq_index, tuple(new.stop_token_ids))
         for delta in so.cached_reqs:
             state = self.requests[delta.req_id]
-            state.token_ids.extend(delta.new_token_ids)
             state.block_ids.extend(delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
 
-    def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+    def prepare_inputs(self, so: SchedulerOutput, prev: _StepInFlight | None) -> StepInputs:
         """The step's inputs, built on the host and moved to the device in one copy."""
         bs = self.block_size
         states = [self.requests[r] for r in so.req_ids]
         input_ids, positions, slots, sample_rows, sample_ids = [], [], [], [], []
         context_lens, query_start, num_decodes = [], [0], 0
+        gather_rows, gather_src = [], []  # inputs still PLACEHOLDERs: from prev's token tensor
         for state, n in zip(states, so.num_scheduled_tokens):
             start = state.num_computed_tokens
             end = start + n
@@ -88,6 +112,9 @@ class ModelRunner:
             slots.append(table[pos // bs] * bs + pos % bs)
             context_lens.append(end)
             query_start.append(query_start[-1] + n)
+            if state.token_ids[end - 1] == PLACEHOLDER:  # only ever the newest token
+                gather_rows.append(query_start[-1] - 1)
+                gather_src.append(state.pending_index)
             if n == 1 and num_decodes == len(context_lens) - 1:  # still in the leading decodes
                 num_decodes += 1
             if end == len(state.token_ids):  # reached the newest token: its logits are sampled
@@ -96,10 +123,15 @@ class ModelRunner:
         block_tables = np.zeros((len(states), max(len(s.block_ids) for s in states)), dtype=np.int32)
         for i, state in enumerate(states):
             block_tables[i, :len(state.block_ids)] = state.block_ids
-        ids, pos, slot_mapping, rows, tables, ctx, qsl = self.staging.to_device([
-            np.concatenate(input_ids), np.concatenate(positions),
-            np.concatenate(slots), np.asarray(sample_rows, dtype=np.int64), block_tables,
-            np.asarray(context_lens, dtype=np.int32), np.asarray(query_start, dtype=np.int32)])
+        arrays = [np.concatenate(input_ids), np.concatenate(positions), np.concatenate(slots),
+                  np.asarray(sample_rows, dtype=np.int64), block_tables,
+                  np.asarray(context_lens, dtype=np.int32), np.asarray(query_start, dtype=np.int32)]
+        if gather_rows:
+            arrays += [np.asarray(gather_rows, dtype=np.int64), np.asarray(gather_src, dtype=np.int64)]
+        ids, pos, slot_mapping, rows, tables, ctx, qsl, *gather = self.staging.to_device(arrays)
+        if gather:
+            assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
+            ids.index_copy_(0, gather[0], prev.tokens.index_select(0, gather[1]))
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=ctx,
                                  query_start_loc=qsl, num_decodes=int(num_decodes),
                                  max_query_len=max(so.num_scheduled_tokens),
@@ -118,27 +150,77 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
 
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
-        clock = _Clock(self.device)
+    def execute_model(self, so: SchedulerOutput) -> list[ModelRunnerOutput] | None:
+        """Queue step `so` on the device; return the outputs of the steps finished now: the
+        one queued before it (GPU) or this one (CPU). None on ranks other than 0."""
+        timer = _StepTimer(self.device)
         self.update_states(so)
-        if not so.req_ids:
-            return ModelRunnerOutput(so.step_id) if self.rank == 0 else None
-        inputs = self.prepare_inputs(so)
-        clock.lap("prepare_s")
-        hidden = self._forward(inputs)  # [T, H]
-        clock.lap("forward_s", sync=True)
+        prev, self._prev = self._prev, None
+        logits, inputs = None, None
+        if so.req_ids:
+            inputs = self.prepare_inputs(so, prev)
+            timer.lap("prepare_s")
+            hidden = self._forward(inputs)  # [T, H]
+            if inputs.sample_req_ids:
+                # Every rank joins the logits all-gather; only rank 0 samples.
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
+            timer.lap("forward_s")
+        outs = [self._finish(prev)]  # this step is queued: now wait for the previous one's tokens
+        self._prev = self._sample(so.step_id, inputs, logits, timer)
+        if self.device.type == "cpu":  # nothing to overlap: answer now
+            outs.append(self._finish(self._prev))
+            self._prev = None
+        return self._rank0([o for o in outs if o is not None])
+
+    def flush(self) -> list[ModelRunnerOutput] | None:
+        """The output of the last queued step, if not returned yet. None on other ranks."""
+        prev, self._prev = self._prev, None
+        out = self._finish(prev)
+        return self._rank0([out] if out is not None else [])
+
+    def _rank0(self, outs: list) -> list | None:
+        return outs if self.rank == 0 else None
+
+    def _sample(self, step_id: int, inputs: StepInputs | None, logits: torch.Tensor | None,
+                timer: "_StepTimer") -> _StepInFlight:
+        """Sample (rank 0), share the tokens with every rank, start their copy to the host."""
+        ids = inputs.sample_req_ids if inputs is not None else []
+        states = [self.requests[r] for r in ids]
+        if not ids:
+            timer.end()
+            return _StepInFlight(step_id, [], None, None, [], timer)
+        rows = [self._sampling_row(s) for s in states] if self.rank == 0 else []
+        if self.rank == 0:
+            sampled = self.sampler.sample(logits, rows)
+        else:
+            sampled = SamplerOutput(torch.empty(len(ids), dtype=torch.long, device=self.device), [])
+        parallel_state.broadcast_from_rank0(sampled.tokens)
+        for i, state in enumerate(states):
+            state.token_ids.append(PLACEHOLDER)
+            state.pending_index = i
+        host = sampled.replace_tensors([_to_host(t) for t in sampled.tensors()])
+        timer.lap("sample_s")
+        timer.end()
+        return _StepInFlight(step_id, states, sampled.tokens, host, rows, timer)
+
+    def _finish(self, step: _StepInFlight | None) -> ModelRunnerOutput | None:
+        """Wait for a step's tokens on the host, fill its placeholders; rank 0's output."""
+        if step is None:
+            return None
+        timings = step.timer.wait()
         tokens, logprobs = [], []
-        if inputs.sample_req_ids:
-            # Every rank joins the logits all-gather; only rank 0 samples and replies.
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
+        if step.states:
             if self.rank == 0:
-                rows = [self._sampling_row(self.requests[r]) for r in inputs.sample_req_ids]
-                tokens, logprobs = self.sampler(logits, rows)
-            clock.lap("sample_s", sync=True)
+                tokens, logprobs = to_host(step.host, step.rows)
+            else:
+                tokens = step.host.tokens.tolist()
+            for state, token in zip(step.states, tokens):
+                # Still the newest: the next step's tokens are appended only after this.
+                assert state.token_ids[-1] == PLACEHOLDER
+                state.token_ids[-1] = token
         if self.rank != 0:
             return None
-        return ModelRunnerOutput(so.step_id, inputs.sample_req_ids if tokens else [], tokens,
-                                 logprobs, clock.timings)
+        return ModelRunnerOutput(step.step_id, [s.req_id for s in step.states], tokens, logprobs, timings)
 
     @staticmethod
     def _sampling_row(state: CachedRequestState) -> SamplingRow:
@@ -146,19 +228,41 @@ class ModelRunner:
                            state.num_prompt_tokens, state.stop_token_ids)
 
 
-class _Clock:
-    """Per-step phase timings for metrics; `sync` waits for the device so that a phase
-    includes its GPU time (the sampler syncs anyway, so this costs little)."""
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A host copy of t, queued on the stream (pinned memory: the copy is asynchronous)."""
+    if t is None or t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+class _StepTimer:
+    """Per-step timings for metrics, without syncing the host: host phases by the clock,
+    the step's span on the device (its first input copy to its last copy out) by events.
+    `gpu_step_s` is that span; on the CPU it is the host time of the whole step."""
 
     def __init__(self, device: torch.device):
-        self.device = device
         self.start = self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.events = None
+        if device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
 
-    def lap(self, name: str, sync: bool = False) -> None:
-        if sync and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.timings[name] = now - self.last
-        self.timings["worker_step_s"] = now - self.start
         self.last = now
+
+    def end(self) -> None:
+        self.timings["worker_step_s"] = time.perf_counter() - self.start  # host time to queue it
+        if self.events is not None:
+            self.events[1].record()
+
+    def wait(self) -> dict[str, float]:
+        if self.events is None:
+            self.timings["gpu_step_s"] = self.timings["worker_step_s"]
+        else:
+            self.events[1].synchronize()
+            self.timings["gpu_step_s"] = self.events[0].elapsed_time(self.events[1]) / 1e3
+        return self.timings

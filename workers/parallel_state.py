@@ -54,5 +54,12 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's x on every rank, in place, without syncing the host. A no-op at TP=1."""
+    if tp_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 __all__ = ["init_distributed", "destroy_distributed", "tp_rank", "tp_size", "all_reduce",
-           "all_gather_last_dim"]
+           "all_gather_last_dim", "broadcast_from_rank0"]

@@ -17,8 +17,9 @@ the rest of the batch nor on the history of the sampler (a re-run or a preempted
 recomputed sequence draws the same tokens). Unseeded rows share the Sampler's own
 generator (one per device), seeded at construction.
 
-Everything is device-agnostic: tensors stay on `logits.device`; the host is synced once
-per call (the final `.tolist()`), plus once more when logprobs are asked for.
+Everything is device-agnostic: `sample` keeps its results on `logits.device` and never
+waits for the device (so the worker can queue the next step first); `to_host` turns a
+`SamplerOutput` (copied to the host) into token ids and logprob dicts.
 """
 from __future__ import annotations
 
@@ -213,6 +214,44 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor,
 
 # --------------------------------------------------------------------------------- sampler
 
+@dataclass
+class SamplerOutput:
+    """One step's draws, still on the device that sampled them."""
+
+    tokens: torch.Tensor  # [num_rows] int64
+    logprob_rows: list[int]  # rows whose request asked for logprobs
+    sampled_logprobs: torch.Tensor | None = None  # [len(logprob_rows)]: the sampled token's
+    top_logprobs: torch.Tensor | None = None  # [len(logprob_rows), k]
+    top_ids: torch.Tensor | None = None  # [len(logprob_rows), k]
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.tokens, self.sampled_logprobs, self.top_logprobs, self.top_ids]
+
+    def replace_tensors(self, tensors: list[torch.Tensor | None]) -> "SamplerOutput":
+        return SamplerOutput(tensors[0], self.logprob_rows, *tensors[1:])
+
+
+def to_host(out: SamplerOutput, rows: list[SamplingRow]
+            ) -> tuple[list[int], list[dict[int, float] | None]]:
+    """Token ids, and per row {token_id: logprob} (the sampled token and the top-k) or None.
+    Syncs with the device unless `out` already lives on the host."""
+    tokens = out.tokens.tolist()
+    logprobs: list[dict[int, float] | None] = [None] * len(rows)
+    if not out.logprob_rows:
+        return tokens, logprobs
+    sampled = out.sampled_logprobs.tolist()
+    top_v = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    top_i = out.top_ids.tolist() if out.top_ids is not None else None
+    for j, i in enumerate(out.logprob_rows):
+        d = {tokens[i]: sampled[j]}
+        k = rows[i].params.logprobs
+        if k:
+            for tid, v in zip(top_i[j][:k], top_v[j][:k]):
+                d.setdefault(tid, v)
+        logprobs[i] = d
+    return tokens, logprobs
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -240,21 +279,25 @@ class Sampler:
             g = self._seeded_generators[device] = torch.Generator(device=device)
         return g
 
-    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]
                  ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """Sample and bring the result to the host (tokens, logprobs)."""
+        return to_host(self.sample(logits, rows), rows)
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         num_rows = len(rows)
         if logits.dim() != 2 or logits.shape[0] != num_rows:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {num_rows} rows")
         if num_rows == 0:
-            return [], []
+            return SamplerOutput(torch.empty(0, dtype=torch.long, device=logits.device), [])
         greedy = [is_greedy(r.params) for r in rows]
         want_logprobs = any(r.params.logprobs is not None for r in rows)
         needs_processing = any(has_penalties(r.params) or min_tokens_active(r) for r in rows)
 
         # The common case: all greedy, nothing to process, no logprobs.
         if all(greedy) and not needs_processing and not want_logprobs:
-            return logits.argmax(dim=-1).tolist(), [None] * num_rows
+            return SamplerOutput(logits.argmax(dim=-1), [])
 
         raw = logits if logits.dtype == torch.float32 else logits.float()
         x = process_logits(raw, rows) if needs_processing else raw  # raw is never modified
@@ -270,7 +313,7 @@ class Sampler:
                 tokens.index_copy_(0, idx_t, sampled)
 
         if not want_logprobs:
-            return tokens.tolist(), [None] * num_rows
+            return SamplerOutput(tokens, [])
         return self._with_logprobs(raw, rows, tokens)
 
     def _sample(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -319,14 +362,12 @@ class Sampler:
         return probs.div_(noise).argmax(dim=-1)
 
     @staticmethod
-    def _with_logprobs(raw: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor
-                       ) -> tuple[list[int], list[dict[int, float] | None]]:
-        device = raw.device
+    def _with_logprobs(raw: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> SamplerOutput:
         lp_idx = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if len(lp_idx) == len(rows):
             sub, sub_tokens = raw, tokens
         else:
-            idx_t = _index(lp_idx, device)
+            idx_t = _index(lp_idx, raw.device)
             sub, sub_tokens = raw.index_select(0, idx_t), tokens.index_select(0, idx_t)
         lp = torch.log_softmax(sub, dim=-1)
         sampled_lp = lp.gather(1, sub_tokens.unsqueeze(1)).squeeze(1)
@@ -334,18 +375,4 @@ class Sampler:
         top_v = top_i = None
         if max_k > 0:
             top_v, top_i = torch.topk(lp, max_k, dim=-1)
-
-        token_list = tokens.tolist()
-        sampled_lp_list = sampled_lp.tolist()
-        top_v_list = top_v.tolist() if top_v is not None else None
-        top_i_list = top_i.tolist() if top_i is not None else None
-
-        out: list[dict[int, float] | None] = [None] * len(rows)
-        for j, i in enumerate(lp_idx):
-            d = {token_list[i]: sampled_lp_list[j]}
-            k = rows[i].params.logprobs
-            if k:
-                for tid, v in zip(top_i_list[j][:k], top_v_list[j][:k]):
-                    d.setdefault(tid, v)
-            out[i] = d
-        return token_list, out
+        return SamplerOutput(tokens, lp_idx, sampled_lp, top_v, top_i)

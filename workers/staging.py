@@ -4,6 +4,10 @@ The model runner builds its inputs as numpy arrays; `StagingBuffer.to_device` pa
 them back to back (each 16-byte aligned) into one pinned host buffer, issues a
 single non-blocking copy into a device buffer of the same layout, and returns
 device views of each array: no per-array copies, no per-array launches.
+
+Two host buffers alternate: the runner prepares step N+1 while step N (and so its copy)
+may still be queued on the device. One device buffer is enough: copies and the kernels
+reading it are ordered on one stream.
 """
 from __future__ import annotations
 
@@ -17,11 +21,15 @@ class StagingBuffer:
     def __init__(self, device: torch.device, capacity: int = 1 << 16):
         self.device = device
         self.pinned = device.type == "cuda"
+        self._copied: list[torch.cuda.Event | None] = [None, None]  # the last copy out of each
+        self._turn = 0  # which host buffer this step fills
         self._alloc(capacity)
-        self._copied: torch.cuda.Event | None = None  # the last copy out of the host buffer
 
     def _alloc(self, capacity: int) -> None:
-        self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        for event in self._copied:
+            if event is not None:
+                event.synchronize()  # never free a host buffer a copy still reads
+        self.hosts = [torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pinned) for _ in (0, 1)]
         self.dev = torch.empty(capacity, dtype=torch.uint8, device=self.device)
 
     def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
@@ -30,21 +38,23 @@ class StagingBuffer:
         for a in arrays:
             offsets.append(end)
             end += -(-a.nbytes // _ALIGN) * _ALIGN
-        if self._copied is not None:
-            # The previous step's copy may still read the host buffer: never overwrite it early.
-            self._copied.synchronize()
-        if end > self.host.numel():
-            self._alloc(max(end, 2 * self.host.numel()))
-        host_np = self.host.numpy()
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._copied[turn] is not None:
+            # The copy two steps back may still read this host buffer: never overwrite it early.
+            self._copied[turn].synchronize()
+        if end > self.hosts[turn].numel():
+            self._alloc(max(end, 2 * self.hosts[turn].numel()))
+        host = self.hosts[turn]
+        host_np = host.numpy()
         for a, off in zip(arrays, offsets):
             host_np[off:off + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
         if self.device.type == "cpu":
-            dev = self.host[:end].clone()  # CPU workers: just a private copy
+            dev = host[:end].clone()  # CPU workers: just a private copy
         else:
-            self.dev[:end].copy_(self.host[:end], non_blocking=True)
+            self.dev[:end].copy_(host[:end], non_blocking=True)
             dev = self.dev
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()
         return [dev[off:off + a.nbytes].view(_TORCH_DTYPES[a.dtype.str[1:]]).view(a.shape)
                 for a, off in zip(arrays, offsets)]
 

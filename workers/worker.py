@@ -2,7 +2,8 @@
 
 Lifecycle, each step called by the executor on every rank:
   get_dist_address (rank 0) -> init_model -> determine_num_blocks -> init_cache
-  -> execute_model per step -> shutdown.
+  -> execute_model per step (each returns the outputs of the steps finished by then;
+  flush returns the last one) -> shutdown.
 """
 from __future__ import annotations
 
@@ -91,12 +92,17 @@ class Worker:
             else:
                 self.runner.capture_graphs(cfg.scheduler.max_num_seqs, cfg.model.max_model_len)
 
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+    def execute_model(self, so: SchedulerOutput) -> list[ModelRunnerOutput] | None:
+        """Queue step `so`; returns the outputs of the steps finished by now (rank 0)."""
         # Cache moves first: swap-outs free device blocks the step may reuse.
         self.cache_engine.swap_out(so.blocks_to_swap_out)
         self.cache_engine.swap_in(so.blocks_to_swap_in)
         self.cache_engine.copy_blocks(so.blocks_to_copy)
         return self.runner.execute_model(so)
+
+    def flush(self) -> list[ModelRunnerOutput] | None:
+        """The output of the last queued step, when no later step will bring it."""
+        return self.runner.flush()
 
     def ping(self) -> int:
         return self.rank

@@ -91,3 +91,29 @@ def test_cli_help_explains():
     assert proc.returncode == 0
     for flag in ("--tensor-parallel-size", "--max-tokens", "--preemption-mode", "--model"):
         assert flag in proc.stdout
+
+
+def test_async_scheduling_gives_the_same_outputs_as_sync(llm, llama_ckpt):
+    """The fixture engine schedules asynchronously (the default); a synchronous one must
+    produce the same tokens for greedy, seeded, penalised, n > 1, stop-string and
+    logprob requests in one batch (the workers keep their own sampled tokens)."""
+    prompts = [PROMPT, "Hello there", "one two three four five six seven", "x"]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=18, ignore_eos=True, n=2,
+                             repetition_penalty=1.3, frequency_penalty=0.5),
+              SamplingParams(temperature=0.8, top_k=20, seed=11, max_tokens=25),
+              SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, presence_penalty=1.0)]
+    full = llm.generate(prompts[:1], params[0], use_tqdm=False)[0].outputs[0]
+    params.append(SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[full.text[5:8]]))
+    prompts.append(PROMPT)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    with LLM(model=llama_ckpt, tensor_parallel_size=2, device="cpu", dtype="float32", max_model_len=256,
+             num_gpu_blocks=128, async_scheduling=False) as sync_llm:
+        want = sync_llm.generate(prompts, params, use_tqdm=False)
+    for g, w in zip(got, want):
+        for a, b in zip(g.outputs, w.outputs):
+            assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+            if b.logprobs is not None:
+                for x, y in zip(a.logprobs, b.logprobs):
+                    assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+    assert got[4].outputs[0].finish_reason == "stop"

@@ -42,19 +42,22 @@ class FakeWorker:
         for s, d in pairs:
             dst[d] = dict(snap[s])
 
-    def run(self, so) -> list[str]:
+    def run(self, so, token=7) -> tuple[list[str], list[int]]:
+        """Run `so`; like the model runner, sample (`token`: an id or a function of the
+        seq id) where the scheduled tokens reach the end, and keep the sampled token."""
         for rid in so.finished_req_ids:
             assert self.reqs.pop(rid, None) is not None, f"{rid} finished but not known to workers"
         for new in so.new_reqs:
             assert new.req_id not in self.reqs, f"{new.req_id} sent in full twice"
             self.reqs[new.req_id] = [list(new.token_ids), list(new.block_ids), new.num_computed_tokens]
         for d in so.cached_reqs:
-            tokens, blocks, _ = self.reqs[d.req_id]
-            self.reqs[d.req_id] = [tokens + d.new_token_ids, blocks + d.new_block_ids, d.num_computed_tokens]
+            tokens, blocks, computed = self.reqs[d.req_id]
+            assert d.num_computed_tokens == computed, f"{d.req_id}: computed count moved"
+            self.reqs[d.req_id] = [tokens, blocks + d.new_block_ids, computed]
         self._move(self.gpu, self.cpu, so.blocks_to_swap_out)
         self._move(self.cpu, self.gpu, so.blocks_to_swap_in)
         self._move(self.gpu, self.gpu, so.blocks_to_copy)
-        sampled = []
+        sampled, values = [], []
         for rid, n in zip(so.req_ids, so.num_scheduled_tokens):
             tokens, blocks, start = self.reqs[rid]
             for p in range(start + n):
@@ -64,24 +67,30 @@ class FakeWorker:
                     assert self.gpu.get(slot[0], {}).get(slot[1]) == want, f"{rid}: bad K/V at {p}"
                 else:
                     self.gpu.setdefault(slot[0], {})[slot[1]] = want
+            self.reqs[rid][2] = start + n
             if start + n == len(tokens):
+                value = token(rid) if callable(token) else token
+                tokens.append(value)
                 sampled.append(rid)
-        return sampled
+                values.append(value)
+        return sampled, values
 
 
 def fake_step(sched: Scheduler, so, token=7, worker: FakeWorker | None = None) -> list[str]:
-    """Answer `so` as the model runner would: a sequence samples iff its scheduled tokens
-    reach the end of its tokens. `token` is an id or a function of the seq id."""
-    seqs = {q.seq_id: q for q, _ in sched._in_flight.get(so.step_id, [])}  # aborted ones too
-    ids = [r for r, n in zip(so.req_ids, so.num_scheduled_tokens)
-           if seqs[r].num_computed_tokens + n == seqs[r].num_tokens]
+    """Answer `so` as the workers would. Then, if no other step is in flight, the worker's
+    copy of every running sequence must equal the driver's."""
+    ids = [q.seq_id for q, _, samples in sched._in_flight.get(so.step_id, []) if samples]
     if worker is not None:
-        assert worker.run(so) == ids
-        for rid in (r for r in so.req_ids if not seqs[r].status.is_finished):
-            assert worker.reqs[rid] == [seqs[rid].token_ids, seqs[rid].block_table,
-                                        seqs[rid].num_computed_tokens], f"{rid}: worker state differs"
-    tokens = [token(r) if callable(token) else token for r in ids]
+        got, tokens = worker.run(so, token)
+        assert got == ids, "the driver and the worker disagree on which sequences sample"
+    else:
+        tokens = [token(r) if callable(token) else token for r in ids]
     sched.update_from_output(so, ModelRunnerOutput(so.step_id, ids, tokens))
+    if worker is not None and not sched._in_flight:
+        for q in sched.running:
+            if q.num_tokens_sent:
+                assert worker.reqs[q.seq_id] == [q.token_ids, q.block_table, q.num_computed_tokens], \
+                    f"{q.seq_id}: worker state differs"
     return ids
 
 
@@ -93,8 +102,7 @@ def check(sched: Scheduler, so=None) -> None:
     if so is not None:
         assert so.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
         assert len(so.req_ids) <= sched.config.max_num_seqs and len(set(so.req_ids)) == len(so.req_ids)
-        seqs = {q.seq_id: q for q, _ in sched._in_flight.get(so.step_id, [])}
-        decodes = [seqs[r].num_uncomputed_tokens == 1 for r in so.req_ids]
+        decodes = [n == 1 and samples for _, n, samples in sched._in_flight.get(so.step_id, [])]
         assert decodes == sorted(decodes, reverse=True), "a prefill chunk before a decode"
 
 
@@ -190,11 +198,12 @@ def test_request_sent_in_full_once_then_as_deltas():
     assert len(new.block_ids) == 1
     so = step(s, 8, w)
     (d,) = so.cached_reqs
-    assert so.new_reqs == [] and (d.new_token_ids, len(d.new_block_ids), d.num_computed_tokens) == ([], 1, 4)
+    assert so.new_reqs == [] and (len(d.new_block_ids), d.num_computed_tokens) == (1, 4)
     for tok, new_blocks in ((9, 0), (10, 0), (11, 1)):  # positions 6, 7 (block 1), 8 (block 2)
         so = step(s, tok, w)
-        (d,) = so.cached_reqs
-        assert (d.new_token_ids, len(d.new_block_ids)) == ([tok - 1], new_blocks)
+        (d,) = so.cached_reqs  # no tokens: the worker keeps the ones it sampled
+        assert len(d.new_block_ids) == new_blocks
+    assert w.reqs["A"][0] == list(range(100, 106)) + [8, 9, 10, 11]
     assert s.get_num_unfinished_requests() == 0 and so.finished_req_ids == []
     so = s.schedule()
     assert so.finished_req_ids == ["A"] and not so.req_ids
@@ -371,7 +380,62 @@ def test_add_request_errors():
     s.check_invariants()
 
 
-# ---- 7. Property tests ---------------------------------------------------------------------------
+# ---- 7. Async scheduling: step N+1 scheduled before step N's tokens are known ---------------
+
+def test_async_decode_is_scheduled_with_its_token_in_flight():
+    s, w = make_sched(), FakeWorker()
+    a = add(s, "A", range(100, 106), max_tokens=3).seqs[0]
+    so0 = s.schedule()  # the whole prompt: samples
+    so1 = s.schedule()  # scheduled before so0's token is known
+    assert batch(so1) == [("A", 1)] and so1.cached_reqs[0].num_computed_tokens == 6
+    assert a.num_pending == 2 and a.num_tokens == 6
+    assert fake_step(s, so0, 7, w) == ["A"] and a.output_token_ids == [7]
+    so2 = s.schedule()  # the third token is the last: with two in flight, A is not scheduled
+    assert batch(so2) == [("A", 1)]
+    assert fake_step(s, so1, 8, w) == ["A"]
+    assert batch(s.schedule()) == []  # max_tokens reached once so2's token comes: no wasted step
+    fake_step(s, so2, 9, w)
+    assert a.status is _S.FINISHED_LENGTH and a.output_token_ids == [7, 8, 9]
+    assert w.reqs["A"][0] == list(range(100, 106)) + [7, 8, 9]
+    run_to_completion(s, w)
+
+
+def test_async_stop_token_in_flight_drops_the_extra_step():
+    s, w = make_sched(), FakeWorker()
+    a = add(s, "A", range(100, 104)).seqs[0]
+    so0, so1 = s.schedule(), s.schedule()
+    fake_step(s, so0, EOS, w)  # EOS: A ends, but so1 already runs it once more
+    assert a.status is _S.FINISHED_STOPPED and s.block_manager.num_free_gpu_blocks == 32
+    so2 = s.schedule()  # the workers forget A only after so1 ran
+    fake_step(s, so1, 9, w)
+    assert a.output_token_ids == [EOS] and so2.finished_req_ids == ["A"]
+    fake_step(s, so2, 9, w)
+    assert w.reqs == {}
+    assert_all_free(s)
+
+
+def test_async_preemption_with_a_token_in_flight():
+    for mode in ("recompute", "swap"):
+        s, w = make_sched(num_gpu=4, num_cpu=4, max_model_len=16, mode=mode, prefix=False), FakeWorker()
+        add(s, "A", range(100, 106), max_tokens=8)
+        b = add(s, "B", range(200, 206), max_tokens=8).seqs[0]
+        prev = s.schedule()
+        for _ in range(4):  # B is preempted while its token from the previous step is in flight
+            nxt = s.schedule()
+            fake_step(s, prev, 7, w)
+            prev = nxt
+        assert s.num_preempted_total == 1 and b.num_pending == 0 and b.status is not _S.RUNNING
+        while s.has_unfinished_requests():
+            nxt = s.schedule()
+            fake_step(s, prev, 7, w)
+            prev = nxt
+            check(s)
+        fake_step(s, prev, 7, w)
+        assert b.output_token_ids == [7] * 8
+        run_to_completion(s, w)
+
+
+# ---- 8. Property tests ---------------------------------------------------------------------------
 
 BANK = [[100 + 10 * k + i % 7 for i in range(24)] for k in range(3)]  # shared prefixes
 # ("add", prompt len, n, max_tokens, prefix bank, shared len, min_tokens, ignore_eos, seed)
@@ -407,27 +471,30 @@ def _add_op(s: Scheduler, ids: list, op) -> None:
         ids.append(rid)
 
 
+@pytest.mark.parametrize("depth", [1, 2], ids=["sync", "async"])  # steps in flight
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("chunked", [True, False])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, num_gpu=st.integers(8, 24), num_cpu=st.integers(0, 16), max_num_seqs=st.integers(1, 6),
        budget=st.integers(1, 24), prefix=st.booleans(), finish=st.sampled_from(["abort", "complete"]))
-def test_random_operations_keep_invariants(mode, chunked, ops, num_gpu, num_cpu, max_num_seqs, budget,
-                                           prefix, finish):
+def test_random_operations_keep_invariants(depth, mode, chunked, ops, num_gpu, num_cpu, max_num_seqs,
+                                           budget, prefix, finish):
     max_model_len = min(40, num_gpu * BS)
     budget = budget if chunked else max_model_len + budget
     s = make_sched(num_gpu, num_cpu, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                    budget=budget, chunked=chunked, mode=mode, prefix=prefix)
-    w, ids = FakeWorker(), []
+    w, ids, in_flight, overlapped = FakeWorker(), [], [], False
     for op in ops:
         if op[0] == "add":
             _add_op(s, ids, op)
-        elif op[0] == "step":
-            so = s.schedule()
-            check(s, so)
+        elif op[0] == "step":  # as the engine: schedule step N+1, then answer step N
+            in_flight.append(s.schedule())
+            check(s, in_flight[-1])
+            overlapped |= any(q.num_pending > 1 for q, *_ in s._in_flight.get(in_flight[-1].step_id, []))
             if op[2] is not None and ids:
                 s.abort_request(ids[op[2] % len(ids)])
-            fake_step(s, so, _random_token(op[1]), w)
+            if len(in_flight) == depth:
+                fake_step(s, in_flight.pop(0), _random_token(op[1]), w)
         elif op[0] == "abort" and ids:
             s.abort_request(ids[op[1] % len(ids)])
         elif op[0] == "stop":
@@ -438,8 +505,11 @@ def test_random_operations_keep_invariants(mode, chunked, ops, num_gpu, num_cpu,
     if finish == "abort":
         for rid in ids:
             s.abort_request(rid)
+    for so in in_flight:
+        fake_step(s, so, 9, w)
     run_to_completion(s, w, token=9)  # never a stop token: lengths end every request
     bm = s.block_manager  # what this example exercised (--hypothesis-show-statistics)
+    event(f"a step ran with its input token in flight: {overlapped}")
     for name, hit in (("preempted", s.num_preempted_total), ("swapped out", s.num_swapped_out_total),
                       ("copy-on-write", bm.num_cow_copies), ("prefix hit", bm.gpu.prefix_cache_hits)):
         event(f"{name}: {bool(hit)}")
