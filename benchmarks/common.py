@@ -109,6 +109,18 @@ def make_llm(args, tp: int = 1, **engine_kwargs):
     return LLM(model=model_dir(args.shape, args.dtype), tensor_parallel_size=tp, **kwargs)
 
 
+def profile_top(llm, run, top: int = 30) -> list[dict]:
+    """run() under the workers' torch.profiler: rank 0's top ops by their own device time."""
+    llm.start_profile()
+    try:
+        run()
+    finally:
+        rows = llm.stop_profile(top)
+    print(f"top {top} ops by self device time:")
+    print_table(["self_ms", "count", "name"], [[round(r["self_ms"], 2), r["count"], r["name"][:90]] for r in rows])
+    return rows
+
+
 def wait_gpu_free(fraction: float = 0.8, timeout_s: float = 60.0) -> float:
     """Wait until `fraction` of GPU 0's memory is free (killed Ray workers release it a
     moment after shutdown returns). Returns the free fraction seen last."""

@@ -315,7 +315,7 @@ def split_check(args, dtype, K, info) -> list[dict]:
                                                  info["sm_count"])[0]}
         variants = [("auto", None), ("unsplit", 1)]
         if args.sweep:  # forced partition counts, to tune the heuristic
-            variants += [(f"parts{n}", n) for n in (2, 3, 4, 6, 9, 16) if n * 256 <= ctx]
+            variants += [(f"parts{n}", n) for n in (2, 3, 4, 5, 6, 8, 10, 16) if n * 64 <= ctx]
         for name, parts in variants:
             fn = lambda i, p=parts: K.paged_attention_decode(
                 inp.q[i % args.sets], inp.kc, inp.vc, inp.bt[i % args.sets], inp.ctx_lens,

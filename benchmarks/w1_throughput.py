@@ -22,7 +22,8 @@ import tempfile
 import time
 
 from benchmarks.common import (PROMPT_ID_RANGE, add_common_args, make_llm, make_prompts, model_dir,
-                               print_table, resolve_args, sampling, wait_gpu_free, write_result)
+                               print_table, profile_top, resolve_args, sampling, wait_gpu_free,
+                               write_result)
 
 GOAL_SPEEDUP = 15.0
 TARGET_S = 7.3  # H100 target for the full workload
@@ -51,10 +52,14 @@ def run_ours(args, prompts: list[list[int]]) -> dict:
         outs = llm.generate(prompts, sampling(args.new_tokens), use_tqdm=False)
         wall = time.perf_counter() - t
         snap = llm.engine.metrics.snapshot()
+        top = None
+        if args.profile:  # once more, other token ids (no prefix hits), under the profiler
+            again = w1_prompts(args.shape, len(prompts), seed=1)
+            top = profile_top(llm, lambda: llm.generate(again, sampling(args.new_tokens), use_tqdm=False))
     _check([len(o.outputs[0].token_ids) for o in outs], len(prompts), args.new_tokens, "ours")
     print("engine metrics (warm-up included):", json.dumps(snap), flush=True)
     return {"wall_s": round(wall, 3), "out_tok_s": round(len(prompts) * args.new_tokens / wall, 1),
-            "engine_steps": snap["steps"], "engine_metrics": snap}
+            "engine_steps": snap["steps"], "engine_metrics": snap, "profile_top": top}
 
 
 def run_hf_subprocess(args) -> dict:
@@ -121,6 +126,8 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument("--profile", action="store_true",
+                   help="then run the workload again under torch.profiler and report the top ops")
     p.add_argument("--hf-timeout", type=int, default=480, help="seconds the HF subprocess may run")
     p.add_argument("--hf-child", help=argparse.SUPPRESS)  # internal: run HF, write JSON here
     args = resolve_args(p.parse_args())

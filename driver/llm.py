@@ -93,6 +93,14 @@ class LLM:
             bar.close()
         return [done[i] for i in ids]
 
+    def start_profile(self) -> None:
+        """Profile the workers (torch.profiler) until stop_profile()."""
+        self.engine.executor.run_all("start_profile")
+
+    def stop_profile(self, top: int = 30) -> list[dict]:
+        """Rank 0's `top` ops by their own device time: [{name, count, self_ms}]."""
+        return self.engine.executor.run_all("stop_profile", top)[0]
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

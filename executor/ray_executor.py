@@ -107,6 +107,10 @@ class RayExecutor:
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.submit(so))
 
+    def run_all(self, method: str, *args) -> list:
+        """Call a Worker method on every rank; the results in rank order."""
+        return self._run_all(method, *args)
+
     def _run_all(self, method: str, *args) -> list:
         return self._wait_all([getattr(w, method).remote(*args) for w in self.workers])
 

@@ -287,10 +287,13 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     ct = "float" if cos_sin_cache.dtype == torch.float32 else _CTYPE[query.dtype]
     dev = _dev(query)
     k = _kernel("rotary.cu", f"rotary_embedding_kernel<{_CTYPE[query.dtype]}, {ct}>", dev)
-    threads = _round32((hq + hk) * d // 2, 256)
+    items = (hq + hk) * d // 2
+    threads = _round32(items, 256)
+    # Enough CTAs to cover the SMs for a small batch; one CTA per token for a big one.
+    splits = max(1, min(-(-items // threads), _sm_count(dev) // t))
     qs = query.stride(0) if t > 1 else hq * d
     ks = key.stride(0) if t > 1 else hk * d
-    _launch(k, dev, (t,), (threads,),
+    _launch(k, dev, (t, splits), (threads,),
             (_p(query), _p(key), _p(positions), _p(cos_sin_cache), _i64(qs), _i64(ks),
              _i32(hq), _i32(hk), _i32(d)))
     return query, key

@@ -6,21 +6,63 @@ FlashAttention-2's varlen kernel (shipped inside torch as
 aten._flash_attention_forward) attends each chunk's queries to its keys. With
 seqlen_q < seqlen_k its causal mask is bottom-right aligned, which is exactly
 "row i of a q_len-row chunk sits at position ctx - q_len + i"; it takes GQA
-natively (Hk divides Hq). One host sync per call: the total key count sizes
-the gather.
+natively (Hk divides Hq).
+
+The model runner plans the gather on the host once per step (`plan_prefill`: which
+cache slots, the cumulative lengths, the maxima), so the layers never sync with the
+host; `flash_varlen_prefill` without a plan derives it on the device (one sync).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def flash_supported(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    return (device.type == "cuda" and dtype in _FLASH_DTYPES and head_dim % 8 == 0
+            and head_dim <= 256 and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
 def flash_available(query: torch.Tensor) -> bool:
-    d = query.shape[-1]
-    return (query.is_cuda and query.dtype in _FLASH_DTYPES and d % 8 == 0 and d <= 256
-            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+    return flash_supported(query.dtype, query.shape[-1], query.device)
+
+
+@dataclass
+class PrefillPlan:
+    """The prefill chunks of one step, for flash_prefill: P chunks, K keys in all."""
+
+    cu_q: torch.Tensor  # [P + 1] int32: chunk p's queries are rows [cu_q[p], cu_q[p+1])
+    cu_k: torch.Tensor  # [P + 1] int32: chunk p's keys are packed rows [cu_k[p], cu_k[p+1])
+    kv_blocks: torch.Tensor  # [K] int64: the cache block of each packed key
+    kv_offsets: torch.Tensor  # [K] int64: its slot inside the block
+    max_q: int
+    max_k: int
+
+
+def plan_prefill(q_lens: list[int], context_lens: list[int], tables: list[list[int]],
+                 block_size: int) -> list[np.ndarray]:
+    """Host arrays of a PrefillPlan (cu_q, cu_k, kv_blocks, kv_offsets), in that order."""
+    pos = [np.arange(c, dtype=np.int64) for c in context_lens]
+    blocks = [np.asarray(t, dtype=np.int64)[p // block_size] for t, p in zip(tables, pos)]
+    cu = lambda lens: np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return [cu(q_lens), cu(context_lens), np.concatenate(blocks),
+            np.concatenate(pos) % block_size]
+
+
+def flash_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  plan: PrefillPlan, scale: float) -> torch.Tensor:
+    """query [T, Hq, D] (the chunks' rows, in plan order) -> [T, Hq, D]; no host sync."""
+    k = key_cache[plan.kv_blocks, :, plan.kv_offsets]  # [K, Hk, D]
+    v = value_cache[plan.kv_blocks, :, plan.kv_offsets]
+    out = torch.ops.aten._flash_attention_forward(
+        query.contiguous(), k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
+        0.0, True, False, scale=scale)[0]
+    return out.view_as(query)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -94,4 +136,5 @@ def sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_l
     return out
 
 
-__all__ = ["flash_available", "flash_varlen_prefill", "gather_kv", "sdpa_per_sequence"]
+__all__ = ["PrefillPlan", "flash_available", "flash_supported", "flash_prefill", "flash_varlen_prefill",
+           "gather_kv", "plan_prefill", "sdpa_per_sequence"]

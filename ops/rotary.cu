@@ -68,8 +68,8 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 // Neox-style rotary embedding, in place, as ops/reference.py defines it:
 //   (x1, x2) = halves of a head; out = (x1*cos - x2*sin, x2*cos + x1*sin),
 //   cos/sin = cos_sin_cache[pos] = (cos | sin), each D/2 wide; math in float32.
-// Grid: T CTAs; threads stride over (head, pair) for the query heads, then
-// the key heads. query/key rows have token strides q_stride / k_stride
+// Grid: (T, S): the S CTAs of a token stride over its (head, pair) items, query
+// heads first, then key heads (S > 1 spreads a small batch over more SMs). query/key rows have token strides q_stride / k_stride
 // (elements); heads within a token are contiguous (stride D).
 // CT: dtype of cos_sin_cache (float or T).
 template <typename T, typename CT>
@@ -84,7 +84,7 @@ rotary_embedding_kernel(T* __restrict__ query, T* __restrict__ key,
   const CT* cs = cos_sin_cache + positions[t] * head_dim;
   const int nq = num_heads * half;
   const int total = (num_heads + num_kv_heads) * half;
-  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < total; i += gridDim.y * blockDim.x) {
     T* base;
     int h, j;
     if (i < nq) {

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops.dispatch import ops_for
+from ops.prefill_attention import PrefillPlan, flash_prefill
 
 
 @dataclass
@@ -25,6 +26,7 @@ class AttentionMetadata:
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     max_query_len: int
     max_context_len: int  # an upper bound on context_lens (max_model_len on GPU)
+    prefill: PrefillPlan | None = None  # GPU: the prefill chunks' flash plan (no host syncs)
 
     @property
     def num_seqs(self) -> int:
@@ -68,16 +70,21 @@ class Attention(nn.Module):
             return ops.paged_attention_decode(q, key_cache, value_cache, meta.block_tables,
                                               meta.context_lens, self.scale, meta.max_context_len)
         if nd == 0:
-            return ops.paged_attention(q, key_cache, value_cache, meta.block_tables,
-                                       meta.query_start_loc, meta.context_lens, self.scale)
+            return self._prefill(ops, q, key_cache, value_cache, meta)
         # Mixed step: decode rows [0, nd) through the decode kernel, prefill chunks after.
         out = torch.empty_like(q)
         out[:nd] = ops.paged_attention_decode(q[:nd], key_cache, value_cache, meta.block_tables[:nd],
                                               meta.context_lens[:nd], self.scale, meta.max_context_len)
-        out[nd:] = ops.paged_attention(q[nd:], key_cache, value_cache, meta.block_tables[nd:],
-                                       meta.query_start_loc[nd:] - nd, meta.context_lens[nd:],
-                                       self.scale)
+        out[nd:] = self._prefill(ops, q[nd:], key_cache, value_cache, meta)
         return out
+
+    def _prefill(self, ops, q, key_cache, value_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """The prefill chunks (sequences num_decodes.., rows q) over the paged cache."""
+        if meta.prefill is not None:
+            return flash_prefill(q, key_cache, value_cache, meta.prefill, self.scale)
+        nd = meta.num_decodes
+        return ops.paged_attention(q, key_cache, value_cache, meta.block_tables[nd:],
+                                   meta.query_start_loc[nd:] - nd, meta.context_lens[nd:], self.scale)
 
 def _attention_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from driver.protocol import ModelRunnerOutput, SchedulerOutput
 from driver.sampling_params import SamplingParams
 from workers import parallel_state
+from ops.prefill_attention import PrefillPlan, flash_supported, plan_prefill
 from workers.attention import AttentionMetadata
 from workers.cuda_graphs import DecodeGraphs
 from workers.staging import StagingBuffer
@@ -82,6 +83,10 @@ class ModelRunner:
         self.staging = StagingBuffer(device)
         self.graphs: DecodeGraphs | None = None  # set by capture_graphs (GPU, not enforce_eager)
         self._prev: _StepInFlight | None = None  # queued, its output not yet returned
+        key_cache = kv_caches[0][0] if kv_caches else None
+        # Plan the prefill gather on the host (no per-layer host syncs) where flash runs it.
+        self.plan_prefill = key_cache is not None and flash_supported(key_cache.dtype, key_cache.shape[-1],
+                                                                      device)
 
     def update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -126,16 +131,25 @@ class ModelRunner:
         arrays = [np.concatenate(input_ids), np.concatenate(positions), np.concatenate(slots),
                   np.asarray(sample_rows, dtype=np.int64), block_tables,
                   np.asarray(context_lens, dtype=np.int32), np.asarray(query_start, dtype=np.int32)]
+        prefill = states[num_decodes:] if self.plan_prefill else []
+        if prefill:
+            arrays += plan_prefill(so.num_scheduled_tokens[num_decodes:], context_lens[num_decodes:],
+                                   [s.block_ids for s in prefill], bs)
         if gather_rows:
             arrays += [np.asarray(gather_rows, dtype=np.int64), np.asarray(gather_src, dtype=np.int64)]
-        ids, pos, slot_mapping, rows, tables, ctx, qsl, *gather = self.staging.to_device(arrays)
-        if gather:
+        ids, pos, slot_mapping, rows, tables, ctx, qsl, *extra = self.staging.to_device(arrays)
+        plan = None
+        if prefill:
+            plan = PrefillPlan(*extra[:4], max_q=max(so.num_scheduled_tokens[num_decodes:]),
+                               max_k=max(context_lens[num_decodes:]))
+            extra = extra[4:]
+        if extra:
             assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
-            ids.index_copy_(0, gather[0], prev.tokens.index_select(0, gather[1]))
+            ids.index_copy_(0, extra[0], prev.tokens.index_select(0, extra[1]))
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=ctx,
                                  query_start_loc=qsl, num_decodes=int(num_decodes),
                                  max_query_len=max(so.num_scheduled_tokens),
-                                 max_context_len=self.context_bound or max(context_lens))
+                                 max_context_len=self.context_bound or max(context_lens), prefill=plan)
         return StepInputs(ids, pos, meta, rows, sample_ids)
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:

@@ -35,6 +35,7 @@ class Worker:
         self.model: LlamaForCausalLM | None = None
         self.cache_engine: CacheEngine | None = None
         self.runner: ModelRunner | None = None
+        self._profiler = None
         if config.parallel.device == "cuda":
             # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is always device 0 here.
             torch.cuda.set_device(0)
@@ -103,6 +104,26 @@ class Worker:
     def flush(self) -> list[ModelRunnerOutput] | None:
         """The output of the last queued step, when no later step will bring it."""
         return self.runner.flush()
+
+    def start_profile(self) -> None:
+        """torch.profiler over the next steps (CPU and device activity)."""
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._profiler = profile(activities=activities)
+        self._profiler.__enter__()
+
+    def stop_profile(self, top: int = 30) -> list[dict] | None:
+        """Rank 0: the `top` ops by their own device time (CPU time on a CPU worker)."""
+        prof, self._profiler = self._profiler, None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        prof.__exit__(None, None, None)
+        if self.rank != 0:
+            return None
+        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        rows = [{"name": e.key, "count": e.count, "self_ms": getattr(e, key, 0.0) / 1e3}
+                for e in prof.key_averages()]
+        return sorted(rows, key=lambda r: -r["self_ms"])[:top]
 
     def ping(self) -> int:
         return self.rank

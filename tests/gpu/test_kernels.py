@@ -446,6 +446,30 @@ def test_paged_attention_prefill(dtype, head_dim, group):
         check(out[s:e], want[s:e], dtype, f"sequence {b} {seqs[b]}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_planned_flash_prefill(dtype, head_dim, group):
+    """The model runner's path: the gather planned on the host (no sync in the layers)."""
+    from ops.prefill_attention import PrefillPlan, flash_prefill, plan_prefill
+    seqs = [(1, 1), (15, 15), (17, 17), (16, 33), (100, 1000), (7, 2049), (1, 17), (300, 4097)]
+    hk, bs = 2, 16
+    contexts = [c for _, c in seqs]
+    kc, vc, bt = make_paged_kv(contexts, hk, head_dim, dtype, block_size=bs)
+    tables = [row[:-(-c // bs)] for row, c in zip(bt.tolist(), contexts)]
+    q_lens = [n for n, _ in seqs]
+    arrays = plan_prefill(q_lens, contexts, tables, bs)
+    plan = PrefillPlan(*(torch.from_numpy(a).to(DEV) for a in arrays), max_q=max(q_lens), max_k=max(contexts))
+    q = torch.randn(sum(q_lens), hk * group, head_dim, device=DEV).to(dtype)
+    scale = head_dim ** -0.5
+    ctx_lens = torch.tensor(contexts, dtype=torch.int32, device=DEV)
+    out = flash_prefill(q, kc, vc, plan, scale)
+    want = ref.paged_attention(q.float(), kc.float(), vc.float(), bt, plan.cu_q, ctx_lens, scale)
+    check(out, want, dtype)
+    torch.testing.assert_close(out, K.paged_attention(q, kc, vc, bt, plan.cu_q, ctx_lens, scale),
+                               rtol=0, atol=0)  # the unplanned flash path: the same kernel
+
+
 def test_decode_matches_prefill_path():
     # The same decode batch through both entry points.
     dtype, hk, group, head_dim = torch.float16, 4, 8, 64
