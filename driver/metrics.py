@@ -39,8 +39,8 @@ class EngineMetrics:
             logger.info("prompt %.1f tok/s, generation %.1f tok/s | running %d, waiting %d, swapped %d | "
                         "KV cache %.1f%% used, prefix cache hit rate %.1f%%",
                         self._window[0] / span, self._window[1] / span, scheduler.num_running,
-                        scheduler.num_waiting, scheduler.num_swapped, 100 * scheduler.gpu_cache_usage,
-                        100 * scheduler.prefix_cache_hit_rate)
+                        scheduler.num_waiting, scheduler.num_swapped, 100 * scheduler.block_manager.gpu_usage,
+                        100 * scheduler.block_manager.prefix_cache_hit_rate)
             self._last_log, self._window = now, [0, 0]
 
     @property

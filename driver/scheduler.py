@@ -392,18 +392,6 @@ class Scheduler:
     def num_swapped(self) -> int:
         return len(self.swapped)
 
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.block_manager.prefix_cache_hit_rate
-
-    @property
-    def gpu_cache_usage(self) -> float:
-        return self.block_manager.gpu_usage
-
-    @property
-    def cpu_cache_usage(self) -> float:
-        return self.block_manager.cpu_usage
-
     def live_seqs(self) -> list[Sequence]:
         return self.running + self.swapped + self.waiting
 

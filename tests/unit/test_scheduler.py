@@ -226,7 +226,7 @@ def test_prefix_hit_on_two_full_blocks():
     assert b.seqs[0].num_cached_tokens == 32
     assert b.seqs[0].block_table[:2] == s.running[0].block_table[:2]
     assert (s.block_manager.gpu.prefix_cache_queries, s.block_manager.gpu.prefix_cache_hits) == (3, 2)
-    assert s.prefix_cache_hit_rate == pytest.approx(2 / 3)
+    assert s.block_manager.prefix_cache_hit_rate == pytest.approx(2 / 3)
 
 
 def test_fully_cached_prompt_still_computes_its_last_token():
