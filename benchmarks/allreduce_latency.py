@@ -1,8 +1,9 @@
-"""All-reduce latency at decode sizes on 2 GPUs: NCCL vs torch symmetric memory.
+"""All-reduce latency at decode sizes on 2 GPUs: NCCL vs torch symmetric memory,
+and raytp's custom all-reduce (workers/communicator.py, which picks one of them).
 
 Each variant is captured `--calls` times in one CUDA graph and replayed; the median
 replay over --calls is the per-call latency (what a decode graph pays per all-reduce).
-Sizes are Llama-3-8B hidden states (4096 bf16) at batch 1, 64 and 256.
+Sizes are Llama-3-8B hidden states (4096 bf16) at batch 1, 64, 128 and 256.
 
     python3 -m benchmarks.allreduce_latency          # needs 2 GPUs (nvidia-h200-x2)
 """
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.common import print_table, write_result
+from workers.communicator import SymmMemAllReduce
 
 HIDDEN = 4096
 
@@ -51,17 +53,18 @@ def _variants(x: torch.Tensor) -> dict:
     buf = symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device)
     symm_mem.rendezvous(buf, group)
     out = torch.empty_like(x)
+    ops = torch.ops.symm_mem
+    ours = SymmMemAllReduce(group, x.device, x.dtype)
 
-    def one_shot():
-        buf.copy_(x)
-        torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", group, out)
+    def one_shot():  # the copy into the buffer fused into the kernel
+        ops.one_shot_all_reduce_copy_out(buf, x, "sum", group, out)
 
     def two_shot():
         buf.copy_(x)
-        torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group)
-        out.copy_(buf)
+        ops.two_shot_all_reduce_out(buf, "sum", group, out)
 
-    return {"nccl": lambda: dist.all_reduce(x), "symm_one_shot": one_shot, "symm_two_shot": two_shot}
+    return {"nccl": lambda: dist.all_reduce(x), "symm_one_shot": one_shot, "symm_two_shot": two_shot,
+            "raytp": lambda: ours.all_reduce(x)}
 
 
 def _worker(rank: int, port: int, args, queue) -> None:
@@ -86,7 +89,7 @@ def _worker(rank: int, port: int, args, queue) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 128, 256])
     p.add_argument("--calls", type=int, default=64)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results")

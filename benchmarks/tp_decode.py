@@ -8,6 +8,7 @@ is shut down before the TP=2 one starts.
 
     python3 -m benchmarks.tp_decode                         # needs 2 GPUs
     python3 -m benchmarks.tp_decode --tps 1,2 --floor       # plus same-run GEMM floors
+    python3 -m benchmarks.tp_decode --compare-nccl          # TP>1 also with NCCL all-reduce only
     python3 -m benchmarks.tp_decode --shape tiny            # CPU smoke test (2 CPU workers)
 """
 from __future__ import annotations
@@ -35,9 +36,10 @@ def decode_step_times(engine, batch: int, max_steps: int) -> list[tuple[float, f
     return times
 
 
-def measure(args, tp: int) -> dict:
+def measure(args, tp: int, nccl_only: bool = False) -> dict:
     prompts = make_prompts(args.shape, [args.prompt_len] * args.batch, seed=tp)
-    with make_llm(args, tp=tp) as llm:
+    with make_llm(args, tp=tp, disable_custom_all_reduce=nccl_only) as llm:
+        custom = llm.engine.executor.custom_all_reduce
         engine = llm.engine
         # Enough tokens that nobody finishes before the last timed step (prefill takes a few steps).
         max_tokens = args.warmup + args.steps + 64
@@ -47,7 +49,7 @@ def measure(args, tp: int) -> dict:
     if len(rows) < args.steps:
         raise RuntimeError(f"tp={tp}: only {len(rows)} full-batch decode steps; raise max tokens")
     times = [wall for wall, _ in rows]
-    return {"tp": tp, "step_ms_p50": ms(median(times)), "step_ms_min": ms(min(times)),
+    return {"tp": tp, "all_reduce": "custom" if custom else ("nccl" if args.device == "cuda" else "gloo"), "step_ms_p50": ms(median(times)), "step_ms_min": ms(min(times)),
             "step_ms_max": ms(max(times)), "gpu_ms_p50": ms(median([w for _, w in rows])),
             "steps": len(rows)}
 
@@ -61,25 +63,30 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="timed full-batch decode steps")
     p.add_argument("--warmup", type=int, default=5, help="full-batch decode steps not timed")
     p.add_argument("--floor", action="store_true", help="also measure the GEMM floor at --batch per TP")
+    p.add_argument("--compare-nccl", action="store_true",
+                   help="also measure each TP>1 with the custom all-reduce off (NCCL only)")
     args = resolve_args(p.parse_args())
     tps = [int(t) for t in args.tps.split(",")]
     rows = [measure(args, tp) for tp in tps]  # each engine is shut down before the next starts
+    if args.compare_nccl:
+        rows += [measure(args, tp, nccl_only=True) for tp in tps if tp > 1]
     if args.floor:
         from benchmarks.floor import gemm_floor_ms
         if args.device == "cuda":
             wait_gpu_free()
+        floors = {tp: gemm_floor_ms(args.batch, tp=tp, shape=args.shape, device=args.device, dtype=args.dtype)
+                  for tp in tps}
         for r in rows:
-            r["floor_ms"] = gemm_floor_ms(args.batch, tp=r["tp"], shape=args.shape, device=args.device,
-                                          dtype=args.dtype)
+            r["floor_ms"] = floors[r["tp"]]
             r["step_over_floor"] = round(r["step_ms_p50"] / r["floor_ms"], 3)
-    by_tp = {r["tp"]: r["step_ms_p50"] for r in rows}
+    by_tp = {r["tp"]: r["step_ms_p50"] for r in reversed(rows)}  # the default engine's row wins
     ratio = round(by_tp[1] / by_tp[2], 3) if 1 in by_tp and 2 in by_tp else None
     config = {k: getattr(args, k) for k in ("shape", "dtype", "batch", "prompt_len", "steps", "warmup",
                                             "max_model_len", "enforce_eager")}
     write_result("tp_decode", {"config": config, "goal_tp1_over_tp2": GOAL_RATIO,
                                "results": {"rows": rows, "tp1_over_tp2": ratio}}, args.out, args.device)
-    print_table(["tp", "step_ms_p50", "step_ms_min", "gpu_ms_p50", "floor_ms", "step/floor"],
-                [[r["tp"], r["step_ms_p50"], r["step_ms_min"], r["gpu_ms_p50"], r.get("floor_ms"),
+    print_table(["tp", "all_reduce", "step_ms_p50", "step_ms_min", "gpu_ms_p50", "floor_ms", "step/floor"],
+                [[r["tp"], r["all_reduce"], r["step_ms_p50"], r["step_ms_min"], r["gpu_ms_p50"], r.get("floor_ms"),
                   r.get("step_over_floor")]
                  for r in rows])
     print(f"tp1/tp2 decode step: {ratio} (goal >= {GOAL_RATIO})")

@@ -24,6 +24,8 @@ ENGINE_HELP = {
     "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes",
     "tensor_parallel_size": "number of tensor-parallel workers (one GPU or CPU bundle each)",
     "device": "cpu, cuda or auto",
+    "disable_custom_all_reduce": "GPU, TP>1: all-reduce with NCCL only, not with the symmetric-memory "
+                                 "kernels that small (decode) all-reduces use by default",
     "ray_address": "Ray cluster to join (default: a running local cluster, else start one)",
     "max_num_seqs": "most sequences in one step",
     "max_num_batched_tokens": "most tokens in one step (the token budget)",

@@ -109,6 +109,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     device: str = "cpu"  # resolved: cpu | cuda
     ray_address: str | None = None  # None: join a running local cluster, else start one
+    disable_custom_all_reduce: bool = False  # GPU: NCCL for every all-reduce (no symmetric memory)
 
     @property
     def backend(self) -> str:

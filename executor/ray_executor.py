@@ -36,6 +36,7 @@ class RayExecutor:
         self.engine_id = uuid.uuid4().hex[:8]
         self.workers: list = []
         self.pg = None
+        self.custom_all_reduce = False  # small all-reduces through symmetric memory (GPU, TP>1)
         self._calls: deque[list] = deque()  # per submitted call, every rank's ref; oldest first
         self._outputs: dict[int, ModelRunnerOutput] = {}  # received, not yet collected
         _init_ray(config.parallel.ray_address)
@@ -66,8 +67,10 @@ class RayExecutor:
             ).remote(self.config, rank))
 
     def _init_workers(self) -> tuple[int, int]:
+        if self.config.parallel.device == "cuda":
+            self._init_devices()
         address = self._get(self.workers[0].get_dist_address.remote())
-        self._run_all("init_model", address)
+        self.custom_all_reduce = all(self._run_all("init_model", address))  # ranks agree
         blocks = self._run_all("determine_num_blocks")
         num_gpu = min(b[0] for b in blocks)
         num_cpu = min(b[1] for b in blocks)
@@ -78,9 +81,20 @@ class RayExecutor:
                 f"{self.config.model.max_model_len} needs ({need}); give the cache more memory "
                 f"(kv_cache_memory_gb / gpu_memory_utilization) or lower max_model_len")
         self._run_all("init_cache", num_gpu, num_cpu)
-        logger.info("%d worker(s) ready: %d KV blocks of %d tokens, %d swap blocks",
-                    self.tp, num_gpu, self.config.cache.block_size, num_cpu)
+        logger.info("%d worker(s) ready: %d KV blocks of %d tokens, %d swap blocks%s",
+                    self.tp, num_gpu, self.config.cache.block_size, num_cpu,
+                    ", custom all-reduce" if self.custom_all_reduce else "")
         return num_gpu, num_cpu
+
+    def _init_devices(self) -> None:
+        """Each rank sees the GPUs of all ranks on its node, in rank order, and uses its own
+        (peer-to-peer all-reduce needs the peers visible; Ray shows each actor one GPU)."""
+        placed = self._run_all("gpu_ids")  # [(node id, [gpu id])] in rank order
+        refs = []
+        for w, (node, ids) in zip(self.workers, placed):
+            visible = list(dict.fromkeys(g for n, gs in placed if n == node for g in gs))
+            refs.append(w.init_device.remote(visible, visible.index(ids[0])))
+        self._wait_all(refs)
 
     def submit(self, so: SchedulerOutput) -> int:
         """Start a step on every rank; returns its id for collect(). A rank runs its calls

@@ -7,9 +7,14 @@ behaves as TP=1, which lets the model run in a plain process (tests, tools).
 from __future__ import annotations
 
 import datetime
+import logging
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("raytp.parallel")
+
+_custom_all_reduce = None  # a SymmMemAllReduce once init_custom_all_reduce succeeded
 
 
 def init_distributed(backend: str, init_method: str, world_size: int, rank: int,
@@ -22,7 +27,34 @@ def init_distributed(backend: str, init_method: str, world_size: int, rank: int,
                             rank=rank, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def init_custom_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:
+    """Route small all-reduces of `dtype` through symmetric memory (see
+    workers/communicator.py). Collective: every rank agrees, else all keep NCCL."""
+    global _custom_all_reduce
+    if tp_size() == 1:
+        return False
+    from workers.communicator import SymmMemAllReduce, unavailable_reason
+    reason = unavailable_reason(device, dtype)
+    comm = None
+    if reason is None:
+        try:
+            comm = SymmMemAllReduce(dist.group.WORLD.group_name, device, dtype)
+        except Exception as e:  # peer access refused, allocator missing, ...
+            reason = f"{type(e).__name__}: {e}"
+    ok = torch.tensor([int(comm is not None)], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    _custom_all_reduce = comm if ok.item() else None
+    if _custom_all_reduce is None:
+        logger.info("rank %d: all-reduce by NCCL only (%s)", tp_rank(), reason or "a peer cannot")
+    else:
+        logger.info("rank %d: custom all-reduce on (symmetric memory, up to %d KiB)",
+                    tp_rank(), comm.max_bytes >> 10)
+    return _custom_all_reduce is not None
+
+
 def destroy_distributed() -> None:
+    global _custom_all_reduce
+    _custom_all_reduce = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -36,9 +68,12 @@ def tp_size() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum x over the TP ranks, in place; returns x. A no-op at TP=1."""
+    """The sum of x over the TP ranks: x itself (NCCL, in place) or a new tensor
+    (custom all-reduce, small inputs). A no-op at TP=1."""
     if tp_size() == 1:
         return x
+    if _custom_all_reduce is not None and _custom_all_reduce.fits(x):
+        return _custom_all_reduce.all_reduce(x)
     dist.all_reduce(x)
     return x
 
@@ -61,5 +96,5 @@ def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-__all__ = ["init_distributed", "destroy_distributed", "tp_rank", "tp_size", "all_reduce",
+__all__ = ["init_distributed", "init_custom_all_reduce", "destroy_distributed", "tp_rank", "tp_size", "all_reduce",
            "all_gather_last_dim", "broadcast_from_rank0"]

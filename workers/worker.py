@@ -1,13 +1,14 @@
 """The worker: one per tensor-parallel rank, run as a Ray actor by the executor.
 
 Lifecycle, each step called by the executor on every rank:
-  get_dist_address (rank 0) -> init_model -> determine_num_blocks -> init_cache
+  gpu_ids -> init_device -> get_dist_address (rank 0) -> init_model -> determine_num_blocks -> init_cache
   -> execute_model per step (each returns the outputs of the steps finished by then;
   flush returns the last one) -> shutdown.
 """
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 import torch
@@ -36,12 +37,25 @@ class Worker:
         self.cache_engine: CacheEngine | None = None
         self.runner: ModelRunner | None = None
         self._profiler = None
-        if config.parallel.device == "cuda":
-            # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is always device 0 here.
-            torch.cuda.set_device(0)
-            self.device = torch.device("cuda", 0)
-        else:
-            self.device = torch.device("cpu")
+        self.device = torch.device("cpu")  # on GPU, init_device picks this rank's GPU
+
+    def gpu_ids(self) -> tuple[str, list[str]]:
+        """(node id, the GPU ids Ray gave this actor); no CUDA call yet."""
+        import ray
+        ctx = ray.get_runtime_context()
+        return ctx.get_node_id(), [str(i) for i in ctx.get_accelerator_ids().get("GPU", [])]
+
+    def init_device(self, visible_gpus: list[str], index: int) -> None:
+        """See every GPU of this node's TP ranks and use visible_gpus[index].
+
+        Ray shows an actor only its own GPU, but peer-to-peer access (the custom
+        all-reduce) needs the peers' GPUs visible too, as vLLM's Ray workers do. The
+        environment must change before CUDA initializes in this process."""
+        if torch.cuda.is_initialized():
+            raise RuntimeError("CUDA initialized before init_device; the worker cannot change its GPUs")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus)
+        torch.cuda.set_device(index)
+        self.device = torch.device("cuda", index)
 
     def get_dist_address(self) -> str:
         """Rank 0 hosts the torch.distributed rendezvous on a free port of its node."""
@@ -51,10 +65,14 @@ class Worker:
             port = s.getsockname()[1]
         return f"tcp://{ip}:{port}"
 
-    def init_model(self, dist_init_method: str) -> None:
+    def init_model(self, dist_init_method: str) -> bool:
+        """Join the TP group and load this rank's shard; True if the custom all-reduce is on."""
         cfg = self.config
         parallel_state.init_distributed(cfg.parallel.backend, dist_init_method,
                                         cfg.parallel.tensor_parallel_size, self.rank)
+        custom_all_reduce = False
+        if self.device.type == "cuda" and not cfg.parallel.disable_custom_all_reduce:
+            custom_all_reduce = parallel_state.init_custom_all_reduce(self.device, self.dtype)
         torch.manual_seed(cfg.model.seed)
         with torch.device(self.device):
             model = LlamaForCausalLM(cfg.model.arch, self.dtype)
@@ -64,6 +82,7 @@ class Worker:
             load_weights(model, cfg.model.model, progress=self.rank == 0)
         self.model = model.eval()
         logger.info("rank %d: model loaded (%s, %s)", self.rank, cfg.model.arch.architecture, cfg.model.dtype)
+        return custom_all_reduce
 
     def determine_num_blocks(self) -> tuple[int, int]:
         """(device blocks, host swap blocks) this rank can hold; the executor takes the minimum."""

@@ -109,12 +109,26 @@ def test_bfloat16_logprobs_close_to_transformers(ckpts, style, tp):
               f"|hf bf16 - fp32| {(hf_bf16 - exact).abs().max():.3f}")
         assert (ours - exact).abs().max().item() <= 0.3, (ours, exact, hf_bf16)
 
+
 def test_cuda_graphs_equal_eager(ckpts):
     results = []
     for eager in (False, True):
         with _engine(ckpts["mistral"], 1, "bfloat16", enforce_eager=eager) as llm:
             prompts = _prompts(llm.config.model.arch.vocab_size)
             results.append([o.outputs[0].token_ids for o in _run(llm, prompts)])
+    assert results[0] == results[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_custom_all_reduce_equals_nccl_end_to_end(ckpts):
+    """TP=2 in bf16 with CUDA graphs: symmetric-memory all-reduces give the very tokens
+    and logprobs that NCCL gives (both round the exact sum of two values)."""
+    results = []
+    for disable in (False, True):
+        with _engine(ckpts["llama"], 2, "bfloat16", disable_custom_all_reduce=disable) as llm:
+            assert llm.engine.executor.custom_all_reduce is not disable
+            prompts = _prompts(llm.config.model.arch.vocab_size)
+            results.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in _run(llm, prompts)])
     assert results[0] == results[1]
 
 
