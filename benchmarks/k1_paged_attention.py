@@ -24,7 +24,6 @@ Goal (H100): >= 80% of copy bandwidth at context 2048, >= 50% at 256.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -188,7 +187,7 @@ def run(args) -> tuple[dict, list[dict]]:
     cuda = args.device == "cuda"
     K = None
     if cuda:
-        from ops import cupy_ops as K  # noqa: N811
+        from ops import cupy_attention as K  # noqa: N811
     info = {"shape": {k: getattr(args, k) for k in K1}, "dtype": args.dtype, "sets": args.sets,
             "calls_per_graph": args.calls, "reps": args.reps}
     if cuda:

@@ -36,6 +36,17 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(new_residual, weight, eps), new_residual
 
 
+def all_reduce_rms_norm(partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused all-reduce + add + norm after a row-parallel layer (ops/all_reduce.cu),
+    in one process: `partials` are every rank's [T, H] partial sums, added in rank order
+    in float32 and rounded to the model dtype (as NCCL's sum), then fused_add_rms_norm."""
+    total = partials[0].float()
+    for p in partials[1:]:
+        total = total + p.float()
+    return fused_add_rms_norm(total.to(partials[0].dtype), residual, weight, eps)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2*I] laid out as (gate | up) -> silu(gate) * up [T, I]."""
     gate, up = x.float().chunk(2, dim=-1)

@@ -10,6 +10,10 @@ rank keeps one buffer that every peer can load from over NVLink
 - two-shot (up to max_bytes): reduce-scatter then all-gather through the buffers;
   each rank reads 1/world of every peer's data, better once bandwidth matters.
 
+After o_proj and down_proj the all-reduce is fused with the residual add and RMSNorm
+that follow it (FusedAllReduceRMSNorm, a CuPy kernel in ops/all_reduce.cu on the same
+kind of buffers): one kernel instead of an all-reduce and a norm.
+
 Larger all-reduces (long prefill chunks) stay on NCCL. Both kernels end in a barrier,
 so the next all-reduce may overwrite the buffer at once; they run on the current
 stream and are captured by CUDA graphs like any kernel (the buffer never moves).
@@ -29,11 +33,12 @@ MAX_BYTES = 8 << 20
 ALIGN = 16  # bytes: the kernels move 16-byte vectors
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why this process cannot use the custom all-reduce, or None."""
+def unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why this process cannot use symmetric memory (for `dtype`: torch's
+    all-reduce kernels, which take bf16 and fp32), or None."""
     if device.type != "cuda":
         return "not on CUDA"
-    if dtype not in (torch.bfloat16, torch.float32):
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float32):
         return f"the symmetric-memory kernels do not reduce {dtype}"
     if torch.cuda.device_count() < 2:
         return "only this rank's GPU is visible (peer access needs the others)"
@@ -81,4 +86,38 @@ class SymmMemAllReduce:
         return out
 
 
-__all__ = ["SymmMemAllReduce", "unavailable_reason", "ONE_SHOT_MAX_BYTES", "MAX_BYTES"]
+class FusedAllReduceRMSNorm:
+    """(rms_norm(sum_ranks(x) + residual), sum_ranks(x) + residual) in one kernel, for
+    bf16/fp16 inputs of at most max_bytes (ops/cupy_all_reduce.py)."""
+
+    def __init__(self, group_name: str, device: torch.device, dtype: torch.dtype,
+                 max_bytes: int = MAX_BYTES):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+        from ops import cupy_all_reduce
+        self._kernel = cupy_all_reduce
+        self.dtype, self.max_bytes = dtype, max_bytes
+        self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+        self.flags = symm_mem.empty(cupy_all_reduce.FLAG_WORDS, dtype=torch.int32, device=device)
+        self.flags.zero_()
+        buffers = symm_mem.rendezvous(self.buffer, group_name)  # collective
+        flags = symm_mem.rendezvous(self.flags, group_name)
+        self.rank, self.world = buffers.rank, buffers.world_size
+        self.buffer_ptrs = torch.tensor(buffers.buffer_ptrs, dtype=torch.int64, device=device)
+        self.flag_ptrs = torch.tensor(flags.buffer_ptrs, dtype=torch.int64, device=device)
+        self.epochs = torch.zeros(cupy_all_reduce.MAX_CTAS, dtype=torch.int32, device=device)
+        self.max_ctas = torch.cuda.get_device_properties(device).multi_processor_count
+        torch.cuda.synchronize(device)
+        dist.barrier()  # every rank's flags are zero before any peer's first signal
+
+    def fits(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (x.dtype == self.dtype and 0 < x.numel() * x.element_size() <= self.max_bytes
+                and self._kernel.unsupported_reason(x, residual, weight) is None)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        return self._kernel.all_reduce_rms_norm(x, residual, weight, eps, self.buffer_ptrs, self.flag_ptrs,
+                                                self.epochs, self.rank, self.world, self.max_ctas)
+
+
+__all__ = ["SymmMemAllReduce", "FusedAllReduceRMSNorm", "unavailable_reason", "ONE_SHOT_MAX_BYTES",
+           "MAX_BYTES"]

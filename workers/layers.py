@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops.dispatch import ops_for
-from workers.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from workers.parallel_state import (all_gather_last_dim, all_reduce, all_reduce_add_rms_norm, tp_rank,
+                                    tp_size)
 
 
 def _param(*shape: int, dtype: torch.dtype | None) -> nn.Parameter:
@@ -120,17 +121,20 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split; x arrives sharded (the output of
-    a column-parallel layer), partial sums are all-reduced, then the bias is added
-    once (it is replicated, so adding it before the sum would count it tp times)."""
+    a column-parallel layer) and each rank's partial sums are all-reduced. The bias
+    (replicated) is added on rank 0 only, so the sum counts it once. With
+    reduce_results=False the partial sums are returned: the caller reduces them
+    (fused with the norm that follows: parallel_state.all_reduce_add_rms_norm)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 params_dtype: torch.dtype | None = None):
+                 params_dtype: torch.dtype | None = None, reduce_results: bool = True):
         super().__init__()
         tp = tp_size()
         if input_size % tp:
             raise ValueError(f"input size {input_size} is not divisible by tp_size {tp}")
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = input_size // tp
+        self.reduce_results = reduce_results
         self.weight = _param(output_size, self.input_size_per_partition, dtype=params_dtype)
         self.bias = _param(output_size, dtype=params_dtype) if bias else None
         _set_loader(self, self.weight_loader)
@@ -142,8 +146,8 @@ class RowParallelLinear(nn.Module):
         _copy(param.data, loaded[:, r * n:(r + 1) * n])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight))  # [T, output_size], summed over ranks
-        return out if self.bias is None else out + self.bias
+        out = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)  # [T, output_size], partial
+        return all_reduce(out) if self.reduce_results else out
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -201,7 +205,8 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 class RMSNorm(nn.Module):
     """Replicated RMSNorm; with a residual it is the fused add + norm of vLLM:
-    forward(x, residual) -> (norm(x + residual), x + residual)."""
+    forward(x, residual) -> (norm(x + residual), x + residual). partial=True: x is a
+    row-parallel layer's unreduced output, summed over the ranks first (fused)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype | None = None):
         super().__init__()
@@ -209,11 +214,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype), requires_grad=False)
         _set_loader(self, default_weight_loader)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        ops = ops_for(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False):
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return ops_for(x).rms_norm(all_reduce(x) if partial else x, self.weight, self.eps)
+        if partial:
+            return all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
+        return ops_for(x).fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 __all__ = ["ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",

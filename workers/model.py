@@ -49,7 +49,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(arch.hidden_size, d, arch.num_heads, arch.num_kv_heads,
                                           bias=qkv_bias, params_dtype=dtype)
         self.o_proj = RowParallelLinear(arch.num_heads * d, arch.hidden_size, bias=o_bias,
-                                        params_dtype=dtype)
+                                        params_dtype=dtype, reduce_results=False)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = d
         self.rotary_emb = rotary_emb
@@ -66,7 +66,7 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, q_size))  # [T, H], all-reduced
+        return self.o_proj(out.reshape(T, q_size))  # [T, H], this rank's partial sums
 
 
 class LlamaMLP(nn.Module):
@@ -74,11 +74,11 @@ class LlamaMLP(nn.Module):
         super().__init__()
         i = arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [i, i], params_dtype=dtype)
-        self.down_proj = RowParallelLinear(i, arch.hidden_size, params_dtype=dtype)
+        self.down_proj = RowParallelLinear(i, arch.hidden_size, params_dtype=dtype, reduce_results=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 I]
-        return self.down_proj(ops_for(x).silu_and_mul(gate_up))  # [T, I] -> [T, H], all-reduced
+        return self.down_proj(ops_for(x).silu_and_mul(gate_up))  # [T, I] -> [T, H], partial sums
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -91,15 +91,16 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, kv_cache, meta):
         # vLLM's fused residual: `residual` carries the running sum of the stream, and
-        # each norm adds the previous block's output into it before normalizing.
+        # each norm adds the previous block's output into it before normalizing. That
+        # output is per-rank partial sums (o_proj, down_proj), reduced inside the norm.
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, partial=True)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = self.post_attention_layernorm(hidden, residual, partial=True)
+        return self.mlp(hidden), residual  # the MLP's partial sums
 
 
 class LlamaModel(nn.Module):
@@ -117,7 +118,7 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             kv_cache = kv_caches[i] if kv_caches else None
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = self.norm(hidden, residual, partial=True)
         return hidden  # [T, H]
 
 

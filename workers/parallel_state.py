@@ -12,9 +12,13 @@ import logging
 import torch
 import torch.distributed as dist
 
+from ops import reference
+from ops.dispatch import ops_for
+
 logger = logging.getLogger("raytp.parallel")
 
 _custom_all_reduce = None  # a SymmMemAllReduce once init_custom_all_reduce succeeded
+_fused_all_reduce_norm = None  # a FusedAllReduceRMSNorm, likewise
 
 
 def init_distributed(backend: str, init_method: str, world_size: int, rank: int,
@@ -28,33 +32,45 @@ def init_distributed(backend: str, init_method: str, world_size: int, rank: int,
 
 
 def init_custom_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:
-    """Route small all-reduces of `dtype` through symmetric memory (see
-    workers/communicator.py). Collective: every rank agrees, else all keep NCCL."""
-    global _custom_all_reduce
+    """Route small all-reduces of `dtype` through symmetric memory, and fuse those before
+    a norm with it (see workers/communicator.py). Collective: each part is used only
+    if every rank set it up, else all keep NCCL for it. True if any part is on."""
+    global _custom_all_reduce, _fused_all_reduce_norm
     if tp_size() == 1:
         return False
-    from workers.communicator import SymmMemAllReduce, unavailable_reason
-    reason = unavailable_reason(device, dtype)
-    comm = None
-    if reason is None:
-        try:
-            comm = SymmMemAllReduce(dist.group.WORLD.group_name, device, dtype)
-        except Exception as e:  # peer access refused, allocator missing, ...
-            reason = f"{type(e).__name__}: {e}"
-    ok = torch.tensor([int(comm is not None)], device=device)
+    from workers.communicator import FusedAllReduceRMSNorm, SymmMemAllReduce, unavailable_reason
+    group = dist.group.WORLD.group_name
+    plain, reason = _try(lambda: SymmMemAllReduce(group, device, dtype), unavailable_reason(device, dtype))
+    fused_reason = unavailable_reason(device) or (None if _cupy_kernels(device, dtype)
+                                                  else f"no CuPy kernels for {dtype}")
+    fused, fused_reason = _try(lambda: FusedAllReduceRMSNorm(group, device, dtype), fused_reason)
+    ok = torch.tensor([plain is not None, fused is not None], dtype=torch.int32, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    _custom_all_reduce = comm if ok.item() else None
-    if _custom_all_reduce is None:
-        logger.info("rank %d: all-reduce by NCCL only (%s)", tp_rank(), reason or "a peer cannot")
-    else:
-        logger.info("rank %d: custom all-reduce on (symmetric memory, up to %d KiB)",
-                    tp_rank(), comm.max_bytes >> 10)
-    return _custom_all_reduce is not None
+    _custom_all_reduce = plain if ok[0].item() else None
+    _fused_all_reduce_norm = fused if ok[1].item() else None
+    logger.info("rank %d: all-reduce: %s; before norms: %s", tp_rank(),
+                "symmetric memory when small" if _custom_all_reduce else f"NCCL ({reason or 'a peer cannot'})",
+                "fused kernel when small" if _fused_all_reduce_norm else f"NCCL ({fused_reason or 'a peer cannot'})")
+    return _custom_all_reduce is not None or _fused_all_reduce_norm is not None
+
+
+def _try(make, reason: str | None):
+    """(make(), None), or (None, why not) when reason is given or make() raises."""
+    if reason is not None:
+        return None, reason
+    try:
+        return make(), None
+    except Exception as e:  # peer access refused, no allocator, no compiler, ...
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _cupy_kernels(device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16) and ops_for(torch.empty(0, device=device)) is not reference
 
 
 def destroy_distributed() -> None:
-    global _custom_all_reduce
-    _custom_all_reduce = None
+    global _custom_all_reduce, _fused_all_reduce_norm
+    _custom_all_reduce = _fused_all_reduce_norm = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -78,6 +94,20 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: this rank's partial sums (a row-parallel layer's output before its all-reduce).
+    Returns (rms_norm(sum_ranks(x) + residual), sum_ranks(x) + residual): one fused
+    kernel when the custom all-reduce is on and x is small, else all_reduce then
+    ops' fused_add_rms_norm."""
+    if tp_size() > 1:
+        fused = _fused_all_reduce_norm
+        if fused is not None and fused.fits(x, residual, weight):
+            return fused(x, residual, weight, eps)
+        x = all_reduce(x)
+    return ops_for(x).fused_add_rms_norm(x, residual, weight, eps)
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """[..., n] on each rank -> [..., n * tp_size], rank 0's part first."""
     size = tp_size()
@@ -97,4 +127,4 @@ def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["init_distributed", "init_custom_all_reduce", "destroy_distributed", "tp_rank", "tp_size", "all_reduce",
-           "all_gather_last_dim", "broadcast_from_rank0"]
+           "all_reduce_add_rms_norm", "all_gather_last_dim", "broadcast_from_rank0"]

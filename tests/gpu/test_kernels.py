@@ -26,6 +26,7 @@ pytestmark = [
 from ops import reference as ref  # noqa: E402
 
 if torch.cuda.is_available():
+    from ops import cupy_attention as A  # noqa: E402
     from ops import cupy_ops as K  # noqa: E402
 else:  # collected but skipped
     K = None
@@ -238,7 +239,7 @@ def test_decode_split_choice():
     assert K.decode_partitions(16, 8, 4, 8192, 16, 132)[0] == 1  # 128 CTAs: near full bandwidth
     for b, ctx in ((1, 4096), (4, 8192), (1, 131072), (2, 600)):
         parts, pb = K.decode_partitions(b, 8, 4, ctx, 16, 132)
-        assert parts > 1 and parts * pb * 16 >= ctx and pb * 16 >= K.MIN_PARTITION_TOKENS
+        assert parts > 1 and parts * pb * 16 >= ctx and pb * 16 >= A.MIN_PARTITION_TOKENS
         assert (parts - 1) * pb * 16 < ctx  # no partition is empty at the bound
     assert K.decode_partitions(1, 8, 4, 300, 16, 132)[0] == 1
 

@@ -1,0 +1,191 @@
+"""CuPy paged attention: decode (GQA-aware, split context + reduce for long contexts;
+ops/paged_attention.cu) and prefill chunks over cached context (flash varlen or SDPA
+over the gathered K/V, ops/prefill_attention.py). Same API as ops/reference.py."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ops import reference
+from ops.prefill_attention import flash_available, flash_varlen_prefill, sdpa_per_sequence
+from ops.cupy_runtime import (_CTYPE, _HALF, _aligned, _capability_ok, _check_device, _dev, _i32, _i64,
+                               _kernel, _launch, _p, _sm_count)
+
+# Decode kernel configuration (warps per CTA, cp.async pipeline stages per warp).
+# The K1 benchmark sweeps these (see benchmarks/k1_paged_attention.py).
+DECODE_NUM_WARPS = 4
+DECODE_STAGES = 3
+# Split the context (flash decoding) only when the unsplit grid has fewer CTAs
+# than SPLIT_BELOW_CTAS_PER_SM per SM (one CTA streams ~50 GB/s on an H100, so
+# ~SMs/2 CTAs already come close to the memory bandwidth), into about
+# SPLIT_TARGET_CTAS_PER_SM CTAs per SM, each partition at least
+# MIN_PARTITION_TOKENS long. Measured on an H100 (benchmarks/k1_paged_attention.py
+# --sweep, split check): B=1 ctx 4096 2.9x faster with 16 parts than unsplit,
+# B=4 ctx 8192 1.6x with 4 parts; 96+ CTAs unsplit beat every split.
+SPLIT_BELOW_CTAS_PER_SM = 0.5
+SPLIT_TARGET_CTAS_PER_SM = 1.0
+MIN_PARTITION_TOKENS = 256
+
+
+def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache {tuple(key_cache.shape)} / value_cache "
+                         f"{tuple(value_cache.shape)}: want equal [num_blocks, Hk, block_size, D]")
+
+
+def _attn_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
+    if query.dtype not in _HALF:
+        return f"dtype {query.dtype} (kernels take bf16/fp16)"
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        return f"cache dtype {key_cache.dtype} differs from query {query.dtype}"
+    return None
+
+
+def _decode_reason(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str | None:
+    r = _attn_reason(query, key_cache, value_cache)
+    if r:
+        return r
+    d, bs = key_cache.shape[3], key_cache.shape[2]
+    if d not in (64, 128):
+        return f"head_dim {d} (decode kernel: 64 or 128)"
+    if bs % 16:
+        return f"block_size {bs} (decode kernel: a multiple of 16)"
+    if not key_cache.is_contiguous() or not value_cache.is_contiguous():
+        return "non-contiguous KV cache"
+    if not (_aligned(key_cache) and _aligned(value_cache)):
+        return "KV cache not 16-byte aligned"
+    if not _capability_ok(_dev(query)):
+        return "GPU older than sm_80"
+    return None
+
+
+def fallback_reason(op: str, *args) -> str | None:
+    """Why `op(*args)` would run ops.reference instead of a kernel (None: it runs a kernel).
+    Covers the attention ops, where the reasons are least obvious."""
+    if op == "paged_attention_decode":
+        return _decode_reason(args[0], args[1], args[2])
+    if op == "paged_attention":
+        return _attn_reason(args[0], args[1], args[2])
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _check_attention(query, key_cache, value_cache, block_tables, context_lens) -> None:
+    _check_caches(key_cache, value_cache)
+    if query.dim() != 3 or query.shape[2] != key_cache.shape[3]:
+        raise ValueError(f"query {tuple(query.shape)}: want [T, Hq, {key_cache.shape[3]}]")
+    hq, hk = query.shape[1], key_cache.shape[1]
+    if hq % hk:
+        raise ValueError(f"num_heads {hq} is not a multiple of num_kv_heads {hk}")
+    if block_tables.dim() != 2 or block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be [B, max_blocks] int32, got "
+                         f"{tuple(block_tables.shape)} {block_tables.dtype}")
+    if context_lens.dim() != 1 or context_lens.dtype != torch.int32 \
+            or context_lens.shape[0] != block_tables.shape[0]:
+        raise ValueError(f"context_lens must be [{block_tables.shape[0]}] int32, got "
+                         f"{tuple(context_lens.shape)} {context_lens.dtype}")
+    _check_device(query, key_cache, value_cache, block_tables, context_lens)
+
+
+def decode_partitions(batch: int, num_kv_heads: int, group: int, max_context_len: int,
+                      block_size: int, num_sms: int) -> tuple[int, int]:
+    """(num_parts, partition_blocks) of the decode grid: split the context only
+    when the unsplit grid is too small to fill the GPU."""
+    max_blocks_needed = max(1, -(-max_context_len // block_size))
+    base = batch * num_kv_heads * -(-group // 16)
+    if base >= SPLIT_BELOW_CTAS_PER_SM * num_sms or max_context_len < 2 * MIN_PARTITION_TOKENS:
+        return 1, max_blocks_needed
+    parts = max(2, int(SPLIT_TARGET_CTAS_PER_SM * num_sms / base + 0.5))
+    parts = min(parts, max_context_len // MIN_PARTITION_TOKENS)
+    pb = -(-max_blocks_needed // parts)
+    return -(-max_blocks_needed // pb), pb
+
+
+def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float, max_context_len: int | None = None,
+                           num_parts: int | None = None) -> torch.Tensor:
+    """Decode only: query [B, Hq, D], one token per sequence -> [B, Hq, D].
+
+    max_context_len is an upper bound on context_lens (it sizes the split grid;
+    a CUDA graph passes max_model_len); None computes it (one host sync).
+    num_parts (tests, benchmarks) forces the number of context partitions.
+    """
+    _check_attention(query, key_cache, value_cache, block_tables, context_lens)
+    if query.shape[0] != block_tables.shape[0]:
+        raise ValueError(f"query has {query.shape[0]} rows, block_tables {block_tables.shape[0]}")
+    if _decode_reason(query, key_cache, value_cache):
+        return reference.paged_attention_decode(query, key_cache, value_cache, block_tables,
+                                                context_lens, scale, max_context_len)
+    bsz, hq, d = query.shape
+    _, hk, bs, _ = key_cache.shape
+    out = torch.empty((bsz, hq, d), dtype=query.dtype, device=query.device)
+    if bsz == 0:
+        return out
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())  # the one allowed host sync
+    max_context_len = max(1, int(max_context_len))
+    # 16-byte-aligned heads inside each query row (the kernel reads 4-byte pairs).
+    if query.stride(2) != 1 or query.stride(1) != d or query.stride(0) % 2 or not _aligned(query, 4):
+        query = query.contiguous()
+    q_stride = query.stride(0) if bsz > 1 else hq * d
+    if block_tables.stride(1) != 1 or (bsz > 1 and block_tables.stride(0) != block_tables.shape[1]):
+        block_tables = block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    max_blocks = block_tables.shape[1]
+    group = hq // hk
+    n_sub = -(-group // 16)
+    dev = _dev(query)
+    if num_parts is None:
+        parts, pb = decode_partitions(bsz, hk, group, max_context_len, bs, _sm_count(dev))
+    else:
+        need = max(1, -(-max_context_len // bs))
+        pb = -(-need // max(1, num_parts))
+        parts = -(-need // pb)
+    nw, st = DECODE_NUM_WARPS, DECODE_STAGES
+    smem = max(nw * st * 2 * 16 * d * 2, nw * 16 * (d + 4) * 4 + nw * 16 * 2 * 4)
+    ct = _CTYPE[query.dtype]
+    k = _kernel("paged_attention.cu", f"paged_attention_decode_kernel<{ct}, {d}, {bs}, {nw}, {st}>",
+                dev, smem)
+    scale_log2 = np.float32(scale * math.log2(math.e))
+    if parts == 1:
+        _launch(k, dev, (hk * n_sub, bsz, 1), (nw * 32,),
+                (_p(out), np.uint64(0), np.uint64(0), np.uint64(0), _p(query), _p(key_cache),
+                 _p(value_cache), _p(block_tables), _p(context_lens), _i32(hk), _i32(group),
+                 _i32(n_sub), _i32(max_blocks), _i64(q_stride), _i32(pb), scale_log2), smem)
+        return out
+    part_out = torch.empty((bsz, hq, parts, d), dtype=torch.float32, device=query.device)
+    part_ms = torch.empty((2, bsz, hq, parts), dtype=torch.float32, device=query.device)
+    _launch(k, dev, (hk * n_sub, bsz, parts), (nw * 32,),
+            (_p(out), _p(part_out), _p(part_ms[0]), _p(part_ms[1]), _p(query), _p(key_cache),
+             _p(value_cache), _p(block_tables), _p(context_lens), _i32(hk), _i32(group),
+             _i32(n_sub), _i32(max_blocks), _i64(q_stride), _i32(pb), scale_log2), smem)
+    r = _kernel("paged_attention.cu", f"paged_attention_reduce_kernel<{ct}, {d}>", dev, parts * 4)
+    _launch(r, dev, (hq, bsz), (128,),
+            (_p(out), _p(part_out), _p(part_ms[0]), _p(part_ms[1]), _p(context_lens),
+             _i32(parts), _i32(pb * bs), _i32(max_blocks * bs)), parts * 4)
+    return out
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                    context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Varlen causal attention over the paged cache (prefill chunks, cached prefixes):
+    see ops/prefill_attention.py. One host sync."""
+    _check_attention(query, key_cache, value_cache, block_tables, context_lens)
+    bsz = block_tables.shape[0]
+    if query_start_loc.shape != (bsz + 1,):
+        raise ValueError(f"query_start_loc shape {tuple(query_start_loc.shape)} != ({bsz + 1},)")
+    if _attn_reason(query, key_cache, value_cache):
+        return reference.paged_attention(query, key_cache, value_cache, block_tables,
+                                         query_start_loc, context_lens, scale)
+    if flash_available(query):
+        return flash_varlen_prefill(query, key_cache, value_cache, block_tables, query_start_loc,
+                                    context_lens, scale)
+    return sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_loc,
+                              context_lens, scale)
+
+
+
+__all__ = ["paged_attention", "paged_attention_decode", "fallback_reason", "decode_partitions"]
