@@ -109,13 +109,13 @@ def make_llm(args, tp: int = 1, **engine_kwargs):
     return LLM(model=model_dir(args.shape, args.dtype), tensor_parallel_size=tp, **kwargs)
 
 
-def profile_top(llm, run, top: int = 30) -> list[dict]:
-    """run() under the workers' torch.profiler: rank 0's top ops by their own device time."""
+def profile_top(llm, run, top: int = 30, rank: int = 0) -> list[dict]:
+    """run() under the workers' torch.profiler: that rank's top ops by their own device time."""
     llm.start_profile()
     try:
         run()
     finally:
-        rows = llm.stop_profile(top)
+        rows = llm.stop_profile(top, rank)
     print(f"top {top} ops by self device time:")
     print_table(["self_ms", "count", "name"], [[round(r["self_ms"], 2), r["count"], r["name"][:90]] for r in rows])
     return rows

@@ -93,6 +93,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="timed full-batch decode steps per loop")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="then profile 20 more steps (torch.profiler)")
+    p.add_argument("--profile-rank", type=int, default=0, help="whose ops --profile reports (default: 0)")
     p.add_argument("--no-async", dest="async_scheduling", action="store_false",
                    help="the synchronous engine loop (schedule, run, update, one step at a time)")
     args = resolve_args(p.parse_args())
@@ -102,12 +103,13 @@ def main() -> None:
         for prompt in prompts:
             engine.add_request(prompt, sampling(args.warmup + 2 * args.steps + 64))
         plain, mirrored = (summarize(rows) for rows in run_steps(engine, args.batch, args.steps, args.warmup))
-        top = profile_top(llm, lambda: [engine.step() for _ in range(20)]) if args.profile else None
+        top = (profile_top(llm, lambda: [engine.step() for _ in range(20)], rank=args.profile_rank)
+               if args.profile else None)
     config = {k: getattr(args, k) for k in ("shape", "dtype", "tp", "batch", "prompt_len", "steps",
                                             "warmup", "max_model_len", "enforce_eager",
                                             "async_scheduling")}
     res = {"engine_step": plain, "mirrored_step": mirrored, "meets_goal": plain["overhead_p50"] <= GOAL,
-           "profile_top_20_steps": top}
+           "profile_top_20_steps": top, "profile_rank": args.profile_rank}
     write_result("driver_overhead", {"config": config, "goal_overhead": GOAL, "results": res},
                  args.out, args.device,
                  tag=f"tp{args.tp}_b{args.batch}" + ("" if args.async_scheduling else "_sync"))

@@ -97,9 +97,9 @@ class LLM:
         """Profile the workers (torch.profiler) until stop_profile()."""
         self.engine.executor.run_all("start_profile")
 
-    def stop_profile(self, top: int = 30) -> list[dict]:
-        """Rank 0's `top` ops by their own device time: [{name, count, self_ms}]."""
-        return self.engine.executor.run_all("stop_profile", top)[0]
+    def stop_profile(self, top: int = 30, rank: int = 0) -> list[dict]:
+        """That rank's `top` ops by their own device time: [{name, count, self_ms}]."""
+        return self.engine.executor.run_all("stop_profile", top)[rank]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

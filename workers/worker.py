@@ -131,14 +131,12 @@ class Worker:
         self._profiler = profile(activities=activities)
         self._profiler.__enter__()
 
-    def stop_profile(self, top: int = 30) -> list[dict] | None:
-        """Rank 0: the `top` ops by their own device time (CPU time on a CPU worker)."""
+    def stop_profile(self, top: int = 30) -> list[dict]:
+        """The `top` ops by their own device time (CPU time on a CPU worker)."""
         prof, self._profiler = self._profiler, None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prof.__exit__(None, None, None)
-        if self.rank != 0:
-            return None
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         rows = [{"name": e.key, "count": e.count, "self_ms": getattr(e, key, 0.0) / 1e3}
                 for e in prof.key_averages()]
