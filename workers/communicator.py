@@ -64,6 +64,9 @@ class SymmMemAllReduce:
         self._fused_copy = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
 
     def fits(self, x: torch.Tensor) -> bool:
+        # Every rank must decide alike (a rank on NCCL while a peer waits in the kernel
+        # would hang): the ranks see the same shapes and dtypes, and torch allocations
+        # are 512-byte aligned, so the alignment test never differs between them.
         nbytes = x.numel() * x.element_size()
         return (x.dtype == self.dtype and x.is_cuda and x.is_contiguous() and 0 < nbytes <= self.max_bytes
                 and nbytes % ALIGN == 0 and x.data_ptr() % ALIGN == 0)
