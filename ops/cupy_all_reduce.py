@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ops.cupy_runtime import _CTYPE, _HALF, _aligned, _check_device, _dev, _i32, _kernel, _launch, _p, _round32
+from ops.cupy_runtime import (_CTYPE, _HALF, _aligned, _check_device, _dev, _i32, _i64, _kernel, _launch, _p,
+                              _round32)
 
 MAX_RANKS = 8  # AR_MAX_RANKS in all_reduce.cu
 MAX_CTAS = 1024  # AR_MAX_CTAS
-FLAG_WORDS = 2 * MAX_CTAS * MAX_RANKS  # uint32 flags each rank's flag area holds
+FLAG_WORDS = MAX_CTAS * MAX_RANKS  # 64-bit flags each rank's flag area holds
 
 
 def unsupported_reason(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -34,19 +35,23 @@ def unsupported_reason(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         buffer_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, epochs: torch.Tensor,
-                        rank: int, world: int, max_ctas: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        half_numel: int, rank: int, world: int, max_ctas: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] this rank's partial sums; returns (rms_norm(sum_ranks(x) + residual),
     sum_ranks(x) + residual). buffer_ptrs / flag_ptrs: int64 [world] device tensors of
-    every rank's symmetric buffer (>= x's bytes) and flag area (FLAG_WORDS uint32);
-    epochs: this rank's int32 [MAX_CTAS] barrier epochs, zero at first."""
+    every rank's symmetric buffer (two halves of half_numel elements, each >= x) and
+    flag area (FLAG_WORDS int64, zero at first); epochs: this rank's int64 [MAX_CTAS]
+    barrier epochs, zero at first."""
     reason = unsupported_reason(x, residual, weight)
     if reason:
         raise ValueError(f"all_reduce_rms_norm: {reason}")
     if not 2 <= world <= MAX_RANKS or not 0 <= rank < world:
         raise ValueError(f"rank {rank} / world {world} outside [0, {MAX_RANKS})")
-    if buffer_ptrs.shape != (world,) or flag_ptrs.shape != (world,) or epochs.numel() < MAX_CTAS:
-        raise ValueError("buffer_ptrs / flag_ptrs need one pointer per rank, epochs MAX_CTAS slots")
+    if buffer_ptrs.shape != (world,) or flag_ptrs.shape != (world,) or epochs.shape != (MAX_CTAS,) \
+            or epochs.dtype != torch.int64:
+        raise ValueError("buffer_ptrs / flag_ptrs need one pointer per rank, epochs MAX_CTAS int64 slots")
     _check_device(x, residual, weight, buffer_ptrs, flag_ptrs, epochs)
+    if x.numel() > half_numel or half_numel % 8:
+        raise ValueError(f"{x.numel()} elements do not fit a buffer half of {half_numel}")
     rows, hidden = x.shape
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x)
@@ -57,7 +62,8 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
         grid = min(rows, max_ctas, MAX_CTAS)
         _launch(fn, dev, (grid,), (_round32(hidden // 8, 1024),),
                 (_p(out), _p(residual_out), _p(x), _p(residual), _p(weight), _p(buffer_ptrs), _p(flag_ptrs),
-                 _p(epochs), _i32(rank), _i32(world), _i32(rows), _i32(hidden), np.float32(eps)))
+                 _p(epochs), _i64(half_numel), _i32(rank), _i32(world), _i32(rows), _i32(hidden),
+                 np.float32(eps)))
     return out, residual_out
 
 

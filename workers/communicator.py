@@ -100,15 +100,16 @@ class FusedAllReduceRMSNorm:
         from ops import cupy_all_reduce
         self._kernel = cupy_all_reduce
         self.dtype, self.max_bytes = dtype, max_bytes
-        self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
-        self.flags = symm_mem.empty(cupy_all_reduce.FLAG_WORDS, dtype=torch.int32, device=device)
+        self.half_numel = max_bytes // dtype.itemsize
+        self.buffer = symm_mem.empty(2 * self.half_numel, dtype=dtype, device=device)  # two halves
+        self.flags = symm_mem.empty(cupy_all_reduce.FLAG_WORDS, dtype=torch.int64, device=device)
         self.flags.zero_()
         buffers = symm_mem.rendezvous(self.buffer, group_name)  # collective
         flags = symm_mem.rendezvous(self.flags, group_name)
         self.rank, self.world = buffers.rank, buffers.world_size
         self.buffer_ptrs = torch.tensor(buffers.buffer_ptrs, dtype=torch.int64, device=device)
         self.flag_ptrs = torch.tensor(flags.buffer_ptrs, dtype=torch.int64, device=device)
-        self.epochs = torch.zeros(cupy_all_reduce.MAX_CTAS, dtype=torch.int32, device=device)
+        self.epochs = torch.zeros(cupy_all_reduce.MAX_CTAS, dtype=torch.int64, device=device)
         self.max_ctas = torch.cuda.get_device_properties(device).multi_processor_count
         torch.cuda.synchronize(device)
         dist.barrier()  # every rank's flags are zero before any peer's first signal
@@ -119,7 +120,8 @@ class FusedAllReduceRMSNorm:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
         return self._kernel.all_reduce_rms_norm(x, residual, weight, eps, self.buffer_ptrs, self.flag_ptrs,
-                                                self.epochs, self.rank, self.world, self.max_ctas)
+                                                self.epochs, self.half_numel, self.rank, self.world,
+                                                self.max_ctas)
 
 
 __all__ = ["SymmMemAllReduce", "FusedAllReduceRMSNorm", "unavailable_reason", "ONE_SHOT_MAX_BYTES",

@@ -48,6 +48,7 @@ def _check(rank: int, port: int) -> None:
             for rows, hidden in ((1, 4096), (64, 4096), (300, 4096), (7, 256), (3, 5120)):
                 _check_fused(fused, rank, rows, hidden, dtype)
             _check_fused_graph(fused, rank, dtype)
+            _check_fused_back_to_back(fused, rank, dtype)
         assert parallel_state.init_custom_all_reduce(dev, torch.float16) is True  # the fused kernel only
         assert parallel_state._custom_all_reduce is None and parallel_state._fused_all_reduce_norm is not None
     finally:
@@ -123,6 +124,19 @@ def _check_fused_graph(fused, rank, dtype) -> None:
         want_mid, want_mid_res = _expected(x, residual, weight, 1e-5)[0]
         want, want_res = _expected(want_mid, want_mid_res, weight, 1e-5)[0]
         assert torch.equal(res, want_res) and torch.equal(out, want), (dtype, i)
+
+
+def _check_fused_back_to_back(fused, rank, dtype) -> None:
+    """Calls with changing grids and no other collective between them: each reuses a
+    buffer half two calls after a peer read it, with no barrier at the kernel's end."""
+    rows = [64, 300, 1, 200, 7, 132, 133, 64] * 4
+    inputs = [_fused_inputs(rank, n, 4096, dtype, seed=1000 + i) for i, n in enumerate(rows)]
+    if rank == 1:
+        torch.cuda._sleep(50_000_000)  # start later than rank 0, so rank 0 runs ahead where it can
+    outs = [fused(x, r, w, 1e-5) for x, r, w in inputs]
+    for i, ((x, r, w), (out, res)) in enumerate(zip(inputs, outs)):
+        want, want_res = _expected(x, r, w, 1e-5)[0]
+        assert torch.equal(res, want_res) and torch.equal(out, want), (dtype, i, rows[i])
 
 
 def test_custom_all_reduce_equals_nccl():
