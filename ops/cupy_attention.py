@@ -187,5 +187,4 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                               context_lens, scale)
 
 
-
 __all__ = ["paged_attention", "paged_attention_decode", "fallback_reason", "decode_partitions"]

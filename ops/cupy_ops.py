@@ -19,9 +19,11 @@ sm_80. `fallback_reason(op, ...)` says why an attention call would fall back.
 Inputs with strides a kernel does not take are copied first (.contiguous()).
 Inconsistent shapes raise ValueError.
 
-Prefill attention (paged_attention) gathers each sequence's K/V through its
-block table and runs torch's scaled_dot_product_attention with a bottom-right
-causal mask: one host sync per call (query_start_loc/context_lens to the host).
+The attention ops live in ops/cupy_attention.py and are re-exported here;
+prefill attention (paged_attention) gathers K/V through the block tables (flash
+varlen, or SDPA per sequence): one host sync per call, none when the model runner
+planned the gather on the host (ops/prefill_attention.py). The launch plumbing is
+ops/cupy_runtime.py.
 """
 from __future__ import annotations
 

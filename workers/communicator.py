@@ -14,9 +14,10 @@ After o_proj and down_proj the all-reduce is fused with the residual add and RMS
 that follow it (FusedAllReduceRMSNorm, a CuPy kernel in ops/all_reduce.cu on the same
 kind of buffers): one kernel instead of an all-reduce and a norm.
 
-Larger all-reduces (long prefill chunks) stay on NCCL. Both kernels end in a barrier,
-so the next all-reduce may overwrite the buffer at once; they run on the current
-stream and are captured by CUDA graphs like any kernel (the buffer never moves).
+Larger all-reduces (long prefill chunks) stay on NCCL. torch's one-/two-shot kernels
+end in a barrier and the fused kernel alternates between two buffer halves, so the
+next all-reduce may overwrite a buffer at once; all run on the current stream and
+are captured by CUDA graphs like any kernel (the buffers never move).
 Peer access needs every rank's GPU visible in every worker (Worker.init_device).
 """
 from __future__ import annotations

@@ -135,6 +135,7 @@ class RowParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = input_size // tp
         self.reduce_results = reduce_results
+        self.add_bias = tp_rank() == 0  # the replicated bias enters the sum once
         self.weight = _param(output_size, self.input_size_per_partition, dtype=params_dtype)
         self.bias = _param(output_size, dtype=params_dtype) if bias else None
         _set_loader(self, self.weight_loader)
@@ -146,7 +147,7 @@ class RowParallelLinear(nn.Module):
         _copy(param.data, loaded[:, r * n:(r + 1) * n])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)  # [T, output_size], partial
+        out = F.linear(x, self.weight, self.bias if self.add_bias else None)  # [T, output_size], partial
         return all_reduce(out) if self.reduce_results else out
 
 
@@ -205,8 +206,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 class RMSNorm(nn.Module):
     """Replicated RMSNorm; with a residual it is the fused add + norm of vLLM:
-    forward(x, residual) -> (norm(x + residual), x + residual). partial=True: x is a
-    row-parallel layer's unreduced output, summed over the ranks first (fused)."""
+    forward(x, residual) -> (norm(x + residual), x + residual). partial=True (with a
+    residual): x is a row-parallel layer's unreduced output, summed over the ranks
+    first (fused)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype | None = None):
         super().__init__()
@@ -216,7 +218,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False):
         if residual is None:
-            return ops_for(x).rms_norm(all_reduce(x) if partial else x, self.weight, self.eps)
+            return ops_for(x).rms_norm(x, self.weight, self.eps)
         if partial:
             return all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
         return ops_for(x).fused_add_rms_norm(x, residual, self.weight, self.eps)
