@@ -223,8 +223,10 @@ class BlockManager:
         count: with async scheduling, computed may run one pending token ahead."""
         if not self.enable_prefix_caching or seq.seq_id in self._on_cpu:
             return
-        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         start = self._num_registered.get(seq.seq_id, 0)
+        if num_full <= start:  # most decode steps: no block became full
+            return
         for i in range(start, num_full):
             self.gpu.register(seq.block_table[i], self._block_hash(seq, i))
         self._num_registered[seq.seq_id] = max(start, num_full)
@@ -253,11 +255,16 @@ class BlockManager:
         Returns the (src, dst) copy-on-write copies, or None (and allocates nothing)
         when the free pool is too small."""
         assert seq.seq_id not in self._on_cpu, "append_slots on a swapped-out sequence"
+        if num_new_tokens <= 0:
+            return []
+        table, bs = seq.block_table, self.block_size
+        total = seq.num_computed_tokens + num_new_tokens
+        index = seq.num_computed_tokens // bs
+        if index < len(table) and total <= len(table) * bs and self.gpu.ref_counts[table[index]] == 1:
+            return []  # the common decode: room left in a block of its own
         if not self.can_append(seq, num_new_tokens):
             return None
         copies: list[tuple[int, int]] = []
-        if num_new_tokens <= 0:
-            return copies
         index = self._cow_index(seq)
         if index is not None:
             old, new = seq.block_table[index], self.gpu.allocate()

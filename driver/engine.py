@@ -128,14 +128,16 @@ class LLMEngine:
                 self.texts.pop(seq.seq_id, None)
             self.metrics.record_finished(group)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             finished, num_cached_tokens=group.seqs[0].num_cached_tokens)
+                             finished, group.seqs[0].num_cached_tokens)
 
     def _completion(self, group: SequenceGroup, seq: Sequence) -> CompletionOutput:
         params = group.sampling_params
         text = self._detokenize(seq, params) if params.detokenize else ""
-        reason = seq.status.value if seq.status.is_finished else None
+        status = seq.status
+        reason = status.value if status.is_finished else None
         logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
-        return CompletionOutput(seq.seq_index, text, list(seq.output_token_ids), reason, logprobs)
+        # A fresh slice: the output never aliases the sequence's list.
+        return CompletionOutput(seq.seq_index, text, seq.token_ids[seq.num_prompt_tokens:], reason, logprobs)
 
     def _detokenize(self, seq: Sequence, params: SamplingParams) -> str:
         """The completion's text so far; ends the sequence at a stop string (excluded)."""
@@ -143,7 +145,7 @@ class LLMEngine:
         if state is None:
             state = self.texts[seq.seq_id] = _TextState(IncrementalDetokenizer(
                 self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], params.skip_special_tokens))
-        new_ids = seq.output_token_ids[state.num_detokenized:]
+        new_ids = seq.token_ids[seq.num_prompt_tokens + state.num_detokenized:]
         if not new_ids or seq.status == SequenceStatus.FINISHED_ABORTED:
             return state.text
         delta = state.detok.step(new_ids)

@@ -14,7 +14,7 @@ never carries tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from driver.sampling_params import SamplingParams
 
@@ -58,6 +58,23 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not (self.req_ids or self.finished_req_ids or self.blocks_to_swap_out)
+
+    def __reduce__(self):
+        # ray.put pickles with cloudpickle, which calls back into Python for every object
+        # it saves (~1.7 us per CachedRequestData): the deltas travel as flat lists instead
+        # and are rebuilt on arrival. Equal object before and after.
+        c = self.cached_reqs
+        flat = ([d.req_id for d in c], [d.new_block_ids for d in c], [d.num_computed_tokens for d in c])
+        return _rebuild_scheduler_output, (flat, *[getattr(self, name) for name in _OTHER_FIELDS])
+
+
+def _rebuild_scheduler_output(flat: tuple[list, list, list], *values) -> SchedulerOutput:
+    so = SchedulerOutput(**dict(zip(_OTHER_FIELDS, values)))
+    so.cached_reqs = list(map(CachedRequestData, *flat))
+    return so
+
+
+_OTHER_FIELDS = tuple(f.name for f in fields(SchedulerOutput) if f.name != "cached_reqs")
 
 
 @dataclass

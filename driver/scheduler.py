@@ -59,6 +59,7 @@ class Scheduler:
         self._groups: dict[str, SequenceGroup] = {}  # unfinished requests
         self._group_of: dict[str, SequenceGroup] = {}  # live seq id -> its group
         self._keys: dict[str, tuple[int, int]] = {}  # live seq id -> (arrival, seq_index)
+        self._unforked: set[str] = set()  # live parents of n > 1 groups not forked yet
         self._next_arrival = 0
         # Ids the workers know that they must forget; drained into the next SchedulerOutput.
         self._pending_finished: list[str] = []
@@ -92,6 +93,9 @@ class Scheduler:
         arrival = self._next_arrival
         self._next_arrival += 1
         self._groups[group.request_id] = group
+        group.stop_token_ids = self._stop_token_ids(p)
+        if not group.forked:
+            self._unforked.add(group.seqs[0].seq_id)
         for seq in group.seqs:
             self._track(seq, group, arrival)
             if not seq.status.is_finished:
@@ -136,6 +140,7 @@ class Scheduler:
             self._pending_finished.append(seq.seq_id)
         group = self._group_of.pop(seq.seq_id)
         del self._keys[seq.seq_id]
+        self._unforked.discard(seq.seq_id)
         if group.forked and all(s.status.is_finished for s in group.seqs):
             self._groups.pop(group.request_id, None)
 
@@ -147,8 +152,9 @@ class Scheduler:
         resend: set[str] = set()  # known seqs whose table changed in place (copy-on-write)
         budget = self.config.max_num_batched_tokens
         preempted_before = self.num_preempted_total
-        for seq in list(self.running):
-            self._maybe_fork(seq)
+        if self._unforked:
+            for seq in [s for s in self.running if s.seq_id in self._unforked]:
+                self._maybe_fork(seq)
         budget = self._schedule_running(budget, scheduled, resend, out)
         self.num_preempted_last_step = self.num_preempted_total - preempted_before
         if not self.num_preempted_last_step:
@@ -164,7 +170,7 @@ class Scheduler:
         """Tokens to schedule for seq now: its uncomputed ones (an unforked parent only up
         to the fork point), chunked to the budget, or all-or-nothing without chunking."""
         group = self._group_of[seq.seq_id]
-        limit = group.prefill_target if not group.forked else seq.num_tokens + seq.num_pending
+        limit = len(seq.token_ids) + seq.num_pending if group.forked else group.prefill_target
         computed = seq.num_computed_tokens if num_computed is None else num_computed
         wanted = limit - computed
         if wanted <= 0 or budget <= 0 or self._ends_with_pending(seq, group.sampling_params):
@@ -177,20 +183,20 @@ class Scheduler:
         """Whether the tokens in flight surely end seq (length limits): no step for it then."""
         if not seq.num_pending:
             return False
-        num_out = seq.num_output_tokens + seq.num_pending
-        return (p.max_tokens is not None and num_out >= p.max_tokens) or \
-            seq.num_tokens + seq.num_pending >= self.max_model_len
+        num_tokens = len(seq.token_ids) + seq.num_pending  # (no properties: runs per decode)
+        return (p.max_tokens is not None and num_tokens - seq.num_prompt_tokens >= p.max_tokens) or \
+            num_tokens >= self.max_model_len
 
     def _schedule_running(self, budget: int, scheduled: list, resend: set,
                           out: SchedulerOutput) -> int:
-        i = 0
-        while i < len(self.running):
-            seq = self.running[i]
+        i, running, append_slots = 0, self.running, self.block_manager.append_slots
+        while i < len(running):  # (preemption shrinks it)
+            seq = running[i]
             num_new = self._num_new_tokens(seq, budget)
             if num_new == 0:
                 i += 1
                 continue
-            copies = self.block_manager.append_slots(seq, num_new)
+            copies = append_slots(seq, num_new)
             while copies is None:
                 # Out of blocks: the latest arrival gives its blocks up (possibly seq
                 # itself). Victims sort after seq, so none was scheduled this step.
@@ -198,7 +204,7 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is seq:
                     return budget
-                copies = self.block_manager.append_slots(seq, num_new)
+                copies = append_slots(seq, num_new)
             if copies:
                 out.blocks_to_copy.extend(copies)
                 if seq.num_tokens_sent > 0:
@@ -234,6 +240,8 @@ class Scheduler:
         return 1 if group.forked else group.sampling_params.n
 
     def _schedule_swapped(self, budget: int, scheduled: list, out: SchedulerOutput) -> int:
+        if not self.swapped:
+            return budget
         bm, slots = self.block_manager, self._num_seq_slots()
         while self.swapped:
             seq = self.swapped[0]
@@ -258,6 +266,8 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, budget: int, scheduled: list) -> None:
+        if not self.waiting or budget <= 0:
+            return
         bm, slots = self.block_manager, self._num_seq_slots()
         while self.waiting and budget > 0:
             seq = self.waiting[0]
@@ -290,6 +300,7 @@ class Scheduler:
         if group is None or group.forked or parent.num_computed_tokens < group.prefill_target:
             return
         arrival = self._keys[parent.seq_id][0]
+        self._unforked.discard(parent.seq_id)
         for child in group.fork():
             self.block_manager.fork(parent, child)
             child.status = _S.RUNNING
@@ -300,39 +311,46 @@ class Scheduler:
         eos = () if params.ignore_eos else self.eos_token_ids
         return eos + tuple(t for t in params.stop_token_ids if t not in eos)
 
+    def _new_request_data(self, seq: Sequence) -> NewRequestData:
+        # Only a sequence with nothing pending is sent in full (a fresh copy on the
+        # workers would lack the pending token): copy-on-write happens only at a
+        # child's first step, and resumed sequences got their token before resuming.
+        assert not seq.num_pending, f"{seq.seq_id} sent in full with a token in flight"
+        group = self._group_of[seq.seq_id]
+        return NewRequestData(
+            req_id=seq.seq_id, token_ids=list(seq.token_ids),
+            num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_table),
+            num_computed_tokens=seq.num_computed_tokens, sampling_params=group.sampling_params,
+            seq_index=seq.seq_index, stop_token_ids=group.stop_token_ids)
+
     def _build_output(self, out: SchedulerOutput, scheduled: list,
                       resend: set) -> list[tuple[Sequence, int, bool]]:
         # Decodes (exactly one uncomputed token) first, then prefill chunks; stable order.
-        scheduled.sort(key=lambda item: item[0].num_uncomputed_tokens != 1)
+        chunks = [len(s.token_ids) + s.num_pending - s.num_computed_tokens != 1 for s, _ in scheduled]
+        if any(chunks):  # (all decodes, the steady state: already in order)
+            order = sorted(range(len(scheduled)), key=chunks.__getitem__)
+            scheduled = [scheduled[i] for i in order]
         entries = []
+        req_ids, counts, cached = out.req_ids, out.num_scheduled_tokens, out.cached_reqs
         for seq, num_new in scheduled:
-            if seq.seq_id in resend:
+            if resend and seq.seq_id in resend:
                 # Copy-on-write replaced a table entry the workers know: a delta cannot say
                 # that, so the workers forget the sequence and get it in full again.
                 self._pending_finished.append(seq.seq_id)
                 seq.num_tokens_sent = seq.num_blocks_sent = 0
+            num_tokens, table = len(seq.token_ids), seq.block_table
             if seq.num_tokens_sent == 0:
-                # Only a sequence with nothing pending is sent in full (a fresh copy on the
-                # workers would lack the pending token): copy-on-write happens only at a
-                # child's first step, and resumed sequences got their token before resuming.
-                assert not seq.num_pending, f"{seq.seq_id} sent in full with a token in flight"
-                params = self._group_of[seq.seq_id].sampling_params
-                out.new_reqs.append(NewRequestData(
-                    req_id=seq.seq_id, token_ids=list(seq.token_ids),
-                    num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_table),
-                    num_computed_tokens=seq.num_computed_tokens, sampling_params=params,
-                    seq_index=seq.seq_index, stop_token_ids=self._stop_token_ids(params)))
+                out.new_reqs.append(self._new_request_data(seq))
             else:
-                assert seq.num_tokens_sent == seq.num_tokens, "workers know every known token"
-                out.cached_reqs.append(CachedRequestData(
-                    req_id=seq.seq_id, new_block_ids=seq.block_table[seq.num_blocks_sent:],
-                    num_computed_tokens=seq.num_computed_tokens))
-            seq.num_tokens_sent = seq.num_tokens
-            seq.num_blocks_sent = len(seq.block_table)
-            out.req_ids.append(seq.seq_id)
-            out.num_scheduled_tokens.append(num_new)
+                assert seq.num_tokens_sent == num_tokens, "workers know every known token"
+                cached.append(CachedRequestData(seq.seq_id, table[seq.num_blocks_sent:],
+                                                seq.num_computed_tokens))
+            seq.num_tokens_sent = num_tokens
+            seq.num_blocks_sent = len(table)
+            req_ids.append(seq.seq_id)
+            counts.append(num_new)
             seq.num_computed_tokens += num_new  # now, so the next step can be scheduled early
-            samples = seq.num_computed_tokens == seq.num_tokens + seq.num_pending
+            samples = seq.num_computed_tokens == num_tokens + seq.num_pending
             seq.num_pending += samples
             entries.append((seq, num_new, samples))
         out.finished_req_ids = self._pending_finished
@@ -348,34 +366,40 @@ class Scheduler:
         sampled = {r: i for i, r in enumerate(runner_out.req_ids)}
         touched: dict[str, SequenceGroup] = {}
         now = time.monotonic()
+        mark_computed, running = self.block_manager.mark_computed, _S.RUNNING
+        tokens, logprobs = runner_out.sampled_token_ids, runner_out.logprobs
+        num_logprobs = len(logprobs)
         for seq, _, samples in self._in_flight.pop(sched_out.step_id, []):
             seq.num_pending -= samples
-            if seq.status is _S.RUNNING:  # before a stop frees the blocks
-                self.block_manager.mark_computed(seq)
+            if seq.status is running:  # before a stop frees the blocks
+                mark_computed(seq)
             if samples and not seq.status.is_finished:  # (else aborted or stopped since)
-                self._append_sampled(seq, runner_out, sampled[seq.seq_id], now, touched)
+                i = sampled[seq.seq_id]
+                self._append_sampled(seq, tokens[i], logprobs[i] if i < num_logprobs else None,
+                                     now, touched)
         return list(touched.values())
 
-    def _append_sampled(self, seq: Sequence, runner_out: ModelRunnerOutput, i: int, now: float,
-                        touched: dict[str, SequenceGroup]) -> None:
-        logprobs = runner_out.logprobs[i] if i < len(runner_out.logprobs) else None
-        seq.append_token(runner_out.sampled_token_ids[i], logprobs)
+    def _append_sampled(self, seq: Sequence, token: int, logprobs: dict[int, float] | None,
+                        now: float, touched: dict[str, SequenceGroup]) -> None:
+        seq.append_token(token, logprobs)
         if seq.num_tokens_sent:  # the workers appended it themselves
             seq.num_tokens_sent += 1
         group = self._group_of[seq.seq_id]
         if group.first_token_time is None:
             group.first_token_time = now
         touched[group.request_id] = group
-        status = self._check_stop(seq, seq.token_ids[-1], group.sampling_params)
+        status = self._check_stop(seq, token, group)
         if status is not None:
             self._finish(seq, status)
 
-    def _check_stop(self, seq: Sequence, token: int, p: SamplingParams) -> SequenceStatus | None:
-        if token in self._stop_token_ids(p) and seq.num_output_tokens >= p.min_tokens:
+    def _check_stop(self, seq: Sequence, token: int, group: SequenceGroup) -> SequenceStatus | None:
+        p, num_tokens = group.sampling_params, len(seq.token_ids)
+        num_output = num_tokens - seq.num_prompt_tokens
+        if token in group.stop_token_ids and num_output >= p.min_tokens:
             return _S.FINISHED_STOPPED
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+        if p.max_tokens is not None and num_output >= p.max_tokens:
             return _S.FINISHED_LENGTH
-        if seq.num_tokens >= self.max_model_len:
+        if num_tokens >= self.max_model_len:
             return _S.FINISHED_LENGTH
         return None
 

@@ -16,10 +16,9 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def is_finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+    def __init__(self, value: str) -> None:
+        # A plain attribute, not a property: it is read several times per sequence per step.
+        self.is_finished = value in ("stop", "length", "abort")
 
 
 @dataclass(eq=False)
@@ -89,6 +88,8 @@ class SequenceGroup:
     arrival_time: float = field(default_factory=time.monotonic)
     forked: bool = False
     first_token_time: float | None = None
+    # EOS (unless ignore_eos) + the params' stop ids: set once by the scheduler at admission.
+    stop_token_ids: tuple[int, ...] = ()
 
     @staticmethod
     def create(request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -118,7 +119,10 @@ class SequenceGroup:
 
     @property
     def is_finished(self) -> bool:
-        return self.forked and all(s.status.is_finished for s in self.seqs)
+        for s in self.seqs:  # (a loop, not all(genexpr): this runs per request per step)
+            if not s.status.is_finished:
+                return False
+        return self.forked
 
     def unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.status.is_finished]

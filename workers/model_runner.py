@@ -26,10 +26,10 @@ from workers import parallel_state
 from ops.prefill_attention import PrefillPlan, flash_supported, plan_prefill
 from workers.attention import AttentionMetadata
 from workers.cuda_graphs import DecodeGraphs
+from workers.input_batch import (PLACEHOLDER, BlockTables, chunk_rows, decode_rows, merge_rows,
+                                 num_leading_decodes)
 from workers.staging import StagingBuffer
 from workers.sampler import Sampler, SamplerOutput, SamplingRow, to_host
-
-PLACEHOLDER = -1  # a sampled token still on its way to the host
 
 
 @dataclass
@@ -43,6 +43,8 @@ class CachedRequestState:
     seq_index: int
     stop_token_ids: tuple[int, ...]
     pending_index: int = -1  # with a PLACEHOLDER last: its row in the step's token tensor
+    row: int = -1  # its row in the runner's BlockTables
+    sampling_row: SamplingRow | None = None  # rank 0's view for the sampler; shares token_ids
 
 
 @dataclass
@@ -80,6 +82,7 @@ class ModelRunner:
         self.rank = rank
         self.sampler = Sampler(seed) if rank == 0 else None
         self.requests: dict[str, CachedRequestState] = {}
+        self.block_tables = BlockTables()  # a row per entry of self.requests
         self.staging = StagingBuffer(device)
         self.graphs: DecodeGraphs | None = None  # set by capture_graphs (GPU, not enforce_eager)
         self._prev: _StepInFlight | None = None  # queued, its output not yet returned
@@ -90,67 +93,62 @@ class ModelRunner:
 
     def update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
-            self.requests.pop(req_id, None)
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                self.block_tables.remove(state.row)
         for new in so.new_reqs:
-            self.requests[new.req_id] = CachedRequestState(
+            old = self.requests.get(new.req_id)
+            if old is not None:  # (the protocol finishes it first; never leak its row)
+                self.block_tables.remove(old.row)
+            state = self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.num_prompt_tokens, list(new.block_ids),
-                new.num_computed_tokens, new.sampling_params, new.seq_index, tuple(new.stop_token_ids))
+                new.num_computed_tokens, new.sampling_params, new.seq_index, tuple(new.stop_token_ids),
+                row=self.block_tables.add(new.block_ids))
+            state.sampling_row = SamplingRow(state.sampling_params, state.seq_index, state.token_ids,
+                                             state.num_prompt_tokens, state.stop_token_ids)
         for delta in so.cached_reqs:
             state = self.requests[delta.req_id]
-            state.block_ids.extend(delta.new_block_ids)
+            if delta.new_block_ids:
+                state.block_ids.extend(delta.new_block_ids)
+                self.block_tables.append(state.row, delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
 
     def prepare_inputs(self, so: SchedulerOutput, prev: _StepInFlight | None) -> StepInputs:
         """The step's inputs, built on the host and moved to the device in one copy."""
-        bs = self.block_size
+        bs, num_scheduled = self.block_size, so.num_scheduled_tokens
         states = [self.requests[r] for r in so.req_ids]
-        input_ids, positions, slots, sample_rows, sample_ids = [], [], [], [], []
-        context_lens, query_start, num_decodes = [], [0], 0
-        gather_rows, gather_src = [], []  # inputs still PLACEHOLDERs: from prev's token tensor
-        for state, n in zip(states, so.num_scheduled_tokens):
-            start = state.num_computed_tokens
-            end = start + n
-            pos = np.arange(start, end, dtype=np.int64)
-            table = np.asarray(state.block_ids, dtype=np.int64)
-            input_ids.append(np.asarray(state.token_ids[start:end], dtype=np.int64))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            context_lens.append(end)
-            query_start.append(query_start[-1] + n)
-            if state.token_ids[end - 1] == PLACEHOLDER:  # only ever the newest token
-                gather_rows.append(query_start[-1] - 1)
-                gather_src.append(state.pending_index)
-            if n == 1 and num_decodes == len(context_lens) - 1:  # still in the leading decodes
-                num_decodes += 1
-            if end == len(state.token_ids):  # reached the newest token: its logits are sampled
-                sample_rows.append(query_start[-1] - 1)
-                sample_ids.append(state.req_id)
-        block_tables = np.zeros((len(states), max(len(s.block_ids) for s in states)), dtype=np.int32)
-        for i, state in enumerate(states):
-            block_tables[i, :len(state.block_ids)] = state.block_ids
-        arrays = [np.concatenate(input_ids), np.concatenate(positions), np.concatenate(slots),
-                  np.asarray(sample_rows, dtype=np.int64), block_tables,
-                  np.asarray(context_lens, dtype=np.int32), np.asarray(query_start, dtype=np.int32)]
+        table_rows = np.array([s.row for s in states], dtype=np.intp)
+        num_decodes = num_leading_decodes(num_scheduled)
+        parts = []
+        if num_decodes:  # the leading decodes, all at once
+            parts.append(decode_rows(states[:num_decodes], table_rows[:num_decodes], self.block_tables, bs))
+        if num_decodes < len(states):  # prefill chunks, one by one
+            parts.append(chunk_rows(states[num_decodes:], num_scheduled[num_decodes:], bs))
+        r = merge_rows(parts)
+        query_start = np.zeros(len(states) + 1, dtype=np.int32)
+        np.cumsum(r.query_lens, out=query_start[1:])
+        arrays = [r.input_ids, r.positions, r.slots, r.sample_rows, self.block_tables.gather(table_rows),
+                  r.context_lens, query_start]
         prefill = states[num_decodes:] if self.plan_prefill else []
         if prefill:
-            arrays += plan_prefill(so.num_scheduled_tokens[num_decodes:], context_lens[num_decodes:],
+            arrays += plan_prefill(num_scheduled[num_decodes:], r.context_lens[num_decodes:].tolist(),
                                    [s.block_ids for s in prefill], bs)
-        if gather_rows:
-            arrays += [np.asarray(gather_rows, dtype=np.int64), np.asarray(gather_src, dtype=np.int64)]
+        if len(r.gather_rows):
+            arrays += [r.gather_rows, r.gather_src]
         ids, pos, slot_mapping, rows, tables, ctx, qsl, *extra = self.staging.to_device(arrays)
         plan = None
         if prefill:
-            plan = PrefillPlan(*extra[:4], max_q=max(so.num_scheduled_tokens[num_decodes:]),
-                               max_k=max(context_lens[num_decodes:]))
+            plan = PrefillPlan(*extra[:4], max_q=max(num_scheduled[num_decodes:]),
+                               max_k=int(r.context_lens[num_decodes:].max()))
             extra = extra[4:]
         if extra:
             assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
             ids.index_copy_(0, extra[0], prev.tokens.index_select(0, extra[1]))
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=ctx,
                                  query_start_loc=qsl, num_decodes=int(num_decodes),
-                                 max_query_len=max(so.num_scheduled_tokens),
-                                 max_context_len=self.context_bound or max(context_lens), prefill=plan)
-        return StepInputs(ids, pos, meta, rows, sample_ids)
+                                 max_query_len=max(num_scheduled),
+                                 max_context_len=self.context_bound or int(r.context_lens.max()), prefill=plan)
+        return StepInputs(ids, pos, meta, rows, r.sample_ids)
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Decode CUDA graphs over the (already allocated) KV cache."""
@@ -203,7 +201,7 @@ class ModelRunner:
         if not ids:
             timer.end()
             return _StepInFlight(step_id, [], None, None, [], timer)
-        rows = [self._sampling_row(s) for s in states] if self.rank == 0 else []
+        rows = [s.sampling_row for s in states] if self.rank == 0 else []
         if self.rank == 0:
             sampled = self.sampler.sample(logits, rows)
         else:
@@ -235,11 +233,6 @@ class ModelRunner:
         if self.rank != 0:
             return None
         return ModelRunnerOutput(step.step_id, [s.req_id for s in step.states], tokens, logprobs, timings)
-
-    @staticmethod
-    def _sampling_row(state: CachedRequestState) -> SamplingRow:
-        return SamplingRow(state.sampling_params, state.seq_index, state.token_ids,
-                           state.num_prompt_tokens, state.stop_token_ids)
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ waits for the device (so the worker can queue the next step first); `to_host` tu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
@@ -46,6 +46,14 @@ class SamplingRow:
     token_ids: list[int]  # prompt + outputs so far
     num_prompt_tokens: int
     stop_token_ids: tuple[int, ...] = ()  # masked (-inf) while num_output_tokens < params.min_tokens
+    # Greedy, no logprobs, no penalties, no min_tokens: an argmax whatever the token ids.
+    # Derived from params alone (which never change), so it can be computed once.
+    plain: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.plain = (is_greedy(p) and p.logprobs is None and p.min_tokens == 0
+                      and not has_penalties(p))
 
     @property
     def num_output_tokens(self) -> int:
@@ -291,6 +299,11 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {num_rows} rows")
         if num_rows == 0:
             return SamplerOutput(torch.empty(0, dtype=torch.long, device=logits.device), [])
+        for r in rows:  # (a loop, not all(genexpr): the common case must cost next to nothing)
+            if not r.plain:
+                break
+        else:
+            return SamplerOutput(logits.argmax(dim=-1), [])
         greedy = [is_greedy(r.params) for r in rows]
         want_logprobs = any(r.params.logprobs is not None for r in rows)
         needs_processing = any(has_penalties(r.params) or min_tokens_active(r) for r in rows)

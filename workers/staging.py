@@ -29,8 +29,11 @@ class StagingBuffer:
         for event in self._copied:
             if event is not None:
                 event.synchronize()  # never free a host buffer a copy still reads
+        capacity = -(-capacity // _ALIGN) * _ALIGN  # every dtype view below spans it exactly
         self.hosts = [torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pinned) for _ in (0, 1)]
+        self.host_nps = [h.numpy() for h in self.hosts]  # (numpy views, made once)
         self.dev = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+        self.dev_views = _dtype_views(self.dev)
 
     def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Device tensors equal to `arrays` (dtypes kept), via one copy."""
@@ -44,21 +47,25 @@ class StagingBuffer:
             self._copied[turn].synchronize()
         if end > self.hosts[turn].numel():
             self._alloc(max(end, 2 * self.hosts[turn].numel()))
-        host = self.hosts[turn]
-        host_np = host.numpy()
+        host, host_np = self.hosts[turn], self.host_nps[turn]
         for a, off in zip(arrays, offsets):
             host_np[off:off + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
         if self.device.type == "cpu":
-            dev = host[:end].clone()  # CPU workers: just a private copy
+            views = _dtype_views(host[:end].clone())  # CPU workers: just a private copy
         else:
             self.dev[:end].copy_(host[:end], non_blocking=True)
-            dev = self.dev
+            views = self.dev_views
             self._copied[turn] = torch.cuda.Event()
             self._copied[turn].record()
-        return [dev[off:off + a.nbytes].view(_TORCH_DTYPES[a.dtype.str[1:]]).view(a.shape)
-                for a, off in zip(arrays, offsets)]
+        out = []
+        for a, off in zip(arrays, offsets):  # one slice per array (offsets are aligned)
+            t = views[a.dtype][off // a.itemsize:off // a.itemsize + a.size]
+            out.append(t if a.ndim == 1 else t.view(a.shape))
+        return out
 
 
-_TORCH_DTYPES = {"i8": torch.int64, "i4": torch.int32}
+def _dtype_views(buf: torch.Tensor) -> dict[np.dtype, torch.Tensor]:
+    """buf (uint8, a multiple of 16 bytes) as each dtype the runner stages."""
+    return {np.dtype(np.int64): buf.view(torch.int64), np.dtype(np.int32): buf.view(torch.int32)}
 
 __all__ = ["StagingBuffer"]
