@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from ops import reference
+from ops.cupy_decode import linear_add, norm_gate_up_silu, norm_qkv_rope_cache  # noqa: F401
 from ops.cupy_attention import (_check_caches, decode_partitions, fallback_reason, paged_attention,
                                 paged_attention_decode)
 from ops.cupy_runtime import (_CTYPE, _HALF, _aligned, _check_device, _dev, _i32, _i64,
                                _kernel, _launch, _p, _round32, _rows_view, _sm_count)
-from ops.reference import rope_cos_sin_cache  # noqa: F401  (same API as ops.reference)
+from ops.reference import linear, rope_cos_sin_cache  # noqa: F401  (same API as ops.reference)
 
 
 # --------------------------------------------------------------------------- norms, MLP
@@ -202,6 +203,6 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     return None
 
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache",
-           "rotary_embedding", "reshape_and_cache", "paged_attention", "paged_attention_decode",
+__all__ = ["linear", "norm_qkv_rope_cache", "linear_add", "norm_gate_up_silu", "rms_norm", "fused_add_rms_norm",
+           "silu_and_mul", "rope_cos_sin_cache", "rotary_embedding", "reshape_and_cache", "paged_attention", "paged_attention_decode",
            "fallback_reason", "decode_partitions"]

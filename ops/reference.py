@@ -15,7 +15,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-# --------------------------------------------------------------------------- norms, MLP
+# --------------------------------------------------------------------------- linear, norms, MLP
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] (F.linear: cuBLAS on a GPU)."""
+    return F.linear(x, weight, bias)
+
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,6 +57,40 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2*I] laid out as (gate | up) -> silu(gate) * up [T, I]."""
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- fused decode layers
+# A small decode batch at TP=1 runs each GEMM of a layer with the work around it
+# (workers/model.py, LlamaDecoderLayer.forward_fused; kernels in ops/decode_gemv.cu).
+# These are the same ops in the same order as the unfused layer, so they define the
+# kernels' results and are what the CPU engine runs.
+
+
+def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
+                        qkv_bias: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """rms_norm(x) -> qkv_proj -> RoPE on q and k -> k and v into the paged cache.
+    x [M, H] (the residual stream) -> q [M, Hq, D], rotated."""
+    d = key_cache.shape[-1]
+    qkv = linear(rms_norm(x, norm_weight, eps), qkv_weight, qkv_bias)  # [M, (Hq + 2 Hk) D]
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q, k = rotary_embedding(positions, q.view(-1, num_heads, d), k.view(-1, num_kv_heads, d), cos_sin_cache)
+    reshape_and_cache(k, v.view(-1, num_kv_heads, d), key_cache, value_cache, slot_mapping)
+    return q
+
+
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x): the next residual stream, each term rounded to the dtype as
+    the unfused path stores it (the GEMM output, then the sum)."""
+    return (linear(x, weight, bias).float() + residual.float()).to(residual.dtype)
+
+
+def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      gate_up_weight: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(gate_up_proj(rms_norm(x))): x [M, H] -> [M, I]."""
+    return silu_and_mul(linear(rms_norm(x, norm_weight, eps), gate_up_weight))
 
 
 # --------------------------------------------------------------------------- rotary
@@ -193,4 +233,5 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache",
-           "rotary_embedding", "reshape_and_cache", "paged_attention", "paged_attention_decode"]
+           "rotary_embedding", "reshape_and_cache", "linear", "norm_qkv_rope_cache", "linear_add",
+           "norm_gate_up_silu", "paged_attention", "paged_attention_decode"]

@@ -62,9 +62,14 @@ class Attention(nn.Module):
         """
         if kv_cache is None:
             return _attention_without_cache(q, k, v, meta, self.scale)
+        ops_for(q).reshape_and_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        return self.attend(q, kv_cache, meta)
+
+    def attend(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+               meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D] over the cache, which already holds this step's K/V -> [T, Hq, D]."""
         key_cache, value_cache = kv_cache
         ops = ops_for(q)
-        ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
         nd = meta.num_decodes
         if nd == meta.num_seqs:  # decode-only step (the CUDA-graph case)
             return ops.paged_attention_decode(q, key_cache, value_cache, meta.block_tables,

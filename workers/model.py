@@ -20,8 +20,13 @@ from ops.reference import rope_cos_sin_cache
 from workers.attention import Attention, AttentionMetadata
 from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                             RMSNorm, RowParallelLinear, VocabParallelEmbedding)
+from workers.parallel_state import tp_size
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
+# Decode steps of up to this many tokens run the fused layers at TP=1. The kernels take up to
+# 8 (ops/cupy_decode.py), but from 2 tokens on cuBLAS's tensor-core tiles win: measured on an
+# H200 by benchmarks/decode_step.py, one step at M=1 4.49 vs 4.60 ms unfused, M=2 4.90 vs 4.63.
+FUSED_DECODE_MAX_TOKENS = 1
 
 
 class RotaryEmbedding(nn.Module):
@@ -102,6 +107,22 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual, partial=True)
         return self.mlp(hidden), residual  # the MLP's partial sums
 
+    def forward_fused(self, positions, x, kv_cache, meta):
+        """A small decode batch at TP=1, where the norms, RoPE, cache writes, SiLU and residual
+        adds cost as much as the GEMVs they sit between: each rides with its GEMV (ops/
+        decode_gemv.cu), three kernels and attention instead of ten. x is the residual
+        stream [T, H] (not a block output plus a residual); returns the next one. The same
+        ops in the same order as forward(), so the same numbers up to summation order."""
+        ops, attn, mlp = ops_for(x), self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        q = ops.norm_qkv_rope_cache(x, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                                    positions, attn.rotary_emb.cos_sin_cache, kv_cache[0], kv_cache[1],
+                                    meta.slot_mapping, attn.num_heads, attn.num_kv_heads)  # [T, Hq, D]
+        out = attn.attn.attend(q, kv_cache, meta).reshape(x.shape[0], -1)  # [T, Hq * D]
+        x = ops.linear_add(out, attn.o_proj.weight, attn.o_proj.bias, x)  # stream + attention
+        h = ops.norm_gate_up_silu(x, norm2.weight, norm2.eps, mlp.gate_up_proj.weight)  # [T, I]
+        return ops.linear_add(h, mlp.down_proj.weight, None, x)  # stream + MLP
+
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch, dtype: torch.dtype):
@@ -114,12 +135,23 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, H]
+        if _fuse_decode(hidden, kv_caches, meta):
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden = layer.forward_fused(positions, hidden, kv_cache, meta)  # the residual stream
+            return self.norm(hidden)
         residual = None
         for i, layer in enumerate(self.layers):
             kv_cache = kv_caches[i] if kv_caches else None
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual, partial=True)
         return hidden  # [T, H]
+
+
+def _fuse_decode(hidden: torch.Tensor, kv_caches: list | None, meta: AttentionMetadata) -> bool:
+    """Decode-only steps of up to FUSED_DECODE_MAX_TOKENS at TP=1 run the fused layers. At
+    TP > 1 the row-parallel outputs are partial sums, reduced by the norm that follows."""
+    return (tp_size() == 1 and bool(kv_caches) and meta.num_decodes == meta.num_seqs
+            and hidden.shape[0] <= FUSED_DECODE_MAX_TOKENS)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -119,9 +119,14 @@ def run_scenarios(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     cache = _fresh_cache(model)
     s1 = _run(model, x[:20], [(X_BLOCKS, 0, 20)], cache)
     s2 = _run(model, torch.cat([x[20:37], y[:25]]), [(X_BLOCKS, 20, 17), (Y_BLOCKS, 0, 25)], cache)
+    decode_cache = [(k.clone(), v.clone()) for k, v in cache]
     s3 = _run(model, torch.cat([x[37:], y[25:]]), [(X_BLOCKS, 37, 1), (Y_BLOCKS, 25, 6)], cache)
     out["steps_x"] = torch.cat([s1, s2[:17], s3[:1]])
     out["steps_y"] = torch.cat([s2[17:], s3[1:]])
+    # Decode-only steps: X's next token alone (the fused layers at TP=1), then X's and Y's.
+    out["decode_x"] = _run(model, x[37:], [(X_BLOCKS, 37, 1)], [(k.clone(), v.clone()) for k, v in decode_cache])
+    out["decode"] = _run(model, torch.stack([x[37], y[25]]), [(X_BLOCKS, 37, 1), (Y_BLOCKS, 25, 1)],
+                         decode_cache)
     return out
 
 
@@ -130,6 +135,8 @@ def _check(results, hf_x, hf_y):
         assert results[key].shape == hf_x.shape and results[key].dtype == torch.float32
         torch.testing.assert_close(results[key], hf_x, **TOL, msg=lambda m: f"{key}: {m}")
     torch.testing.assert_close(results["steps_y"], hf_y, **TOL)
+    torch.testing.assert_close(results["decode"], torch.stack([hf_x[37], hf_y[25]]), **TOL)
+    torch.testing.assert_close(results["decode_x"], hf_x[37:], **TOL)
 
 
 # ----------------------------------------------------------------------------- TP=1
@@ -141,6 +148,28 @@ def test_matches_transformers(checkpoints, name):
     model = _load(path)
     assert hf_x.abs().max() > 1.0  # logits big enough that 1e-4 means something
     _check(run_scenarios(model), hf_x, hf_y)
+
+
+def test_fused_decode_layers_equal_unfused(checkpoints, monkeypatch):
+    """Small decode-only steps at TP=1 take forward_fused: the same ops in the same order,
+    so float32 logits and cache writes are bit-identical to the unfused layers'."""
+    import workers.model as M
+    model = _load(checkpoints["llama2_bias"][0])  # q/k/v and o biases, no GQA
+    calls = []
+    fused = M.LlamaDecoderLayer.forward_fused
+    monkeypatch.setattr(M.LlamaDecoderLayer, "forward_fused", lambda *a: calls.append(1) or fused(*a))
+    x, y = _prompts(model.arch.vocab_size)
+    runs = []
+    for max_tokens in (8, 0):  # fused (as many tokens as the kernels take), then unfused
+        monkeypatch.setattr(M, "FUSED_DECODE_MAX_TOKENS", max_tokens)
+        cache = _fresh_cache(model)
+        _run(model, torch.cat([x[:37], y[:25]]), [(X_BLOCKS, 0, 37), (Y_BLOCKS, 0, 25)], cache)
+        logits = _run(model, torch.stack([x[37], y[25]]), [(X_BLOCKS, 37, 1), (Y_BLOCKS, 25, 1)], cache)
+        runs.append((logits, cache))
+    assert len(calls) == model.arch.num_layers  # only the fused run's decode step
+    assert torch.equal(runs[0][0], runs[1][0])
+    for (k0, v0), (k1, v1) in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
 
 
 def test_tied_embeddings_share_one_parameter(checkpoints):
