@@ -46,7 +46,9 @@ def _check(counts: list[int], n: int, new_tokens: int, who: str) -> None:
 
 def run_ours(args, prompts: list[list[int]]) -> dict:
     warm = make_prompts(args.shape, [128] * 4, seed=1)  # other tokens: no prefix-cache hits later
-    with make_llm(args) as llm:
+    budgets = {k: v for k, v in (("max_num_batched_tokens", args.max_num_batched_tokens),
+                                 ("max_num_seqs", args.max_num_seqs)) if v is not None}
+    with make_llm(args, **budgets) as llm:
         llm.generate(warm, sampling(16), use_tqdm=False)
         t = time.perf_counter()
         outs = llm.generate(prompts, sampling(args.new_tokens), use_tqdm=False)
@@ -58,7 +60,9 @@ def run_ours(args, prompts: list[list[int]]) -> dict:
             top = profile_top(llm, lambda: llm.generate(again, sampling(args.new_tokens), use_tqdm=False))
     _check([len(o.outputs[0].token_ids) for o in outs], len(prompts), args.new_tokens, "ours")
     print("engine metrics (warm-up included):", json.dumps(snap), flush=True)
-    return {"wall_s": round(wall, 3), "out_tok_s": round(len(prompts) * args.new_tokens / wall, 1),
+    sched = llm.config.scheduler
+    used = {"max_num_batched_tokens": sched.max_num_batched_tokens, "max_num_seqs": sched.max_num_seqs}
+    return {"budgets": used, "wall_s": round(wall, 3), "out_tok_s": round(len(prompts) * args.new_tokens / wall, 1),
             "engine_steps": snap["steps"], "engine_metrics": snap, "profile_top": top}
 
 
@@ -126,6 +130,8 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument("--max-num-batched-tokens", type=int, help="our engine's per-step token budget (default: the engine's)")
+    p.add_argument("--max-num-seqs", type=int, help="our engine's per-step sequence budget (default: the engine's)")
     p.add_argument("--profile", action="store_true",
                    help="then run the workload again under torch.profiler and report the top ops")
     p.add_argument("--hf-timeout", type=int, default=480, help="seconds the HF subprocess may run")
@@ -144,6 +150,7 @@ def main() -> None:
     res["ours_over_roofline_4_4s"] = round(ours_s / ROOFLINE_S, 3) if full else None
     config = {k: getattr(args, k) for k in ("shape", "dtype", "num_requests", "new_tokens", "max_model_len",
                                             "enforce_eager")}
+    config["engine_budgets"] = res["ours"]["budgets"]
     config["prompt_tokens"] = sum(len(x) for x in prompts)
     write_result("w1_throughput", {"config": config, "goal_speedup": GOAL_SPEEDUP, "results": res},
                  args.out, args.device)

@@ -119,7 +119,9 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    # vLLM's serving default: fewer, larger steps read the weights less often (W1 on an H200:
+    # 6.35 s at 2048, 5.61 s at 8192, 6.0 s at 16384), at the cost of longer mixed steps.
+    max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"  # recompute | swap
     async_scheduling: bool = True  # schedule step N+1 while step N runs (hides driver + Ray time)
