@@ -1,20 +1,22 @@
 // Fused decode GEMVs for small batches (M <= 8 tokens) at TP=1: each weight GEMM of a
 // decoder layer with the element-wise work around it, as ops/reference.py's
 // norm_qkv_rope_cache, linear_add and norm_gate_up_silu define it (uses activation.cu's
-// dtype helpers). At a handful of rows a layer is a pass over its weights; the norms,
-// RoPE, cache writes, SiLU and residual adds are ~2 us each of launch and latency, as
-// much as a 4096x4096 GEMV, so they ride along with the GEMVs instead:
+// dtype helpers). At a handful of rows a layer is a pass over its weights, and each of
+// the seven small kernels around its GEMMs (norms, RoPE, cache write, SiLU, split-K
+// reductions) costs ~2 us of launch and latency, a quarter of a 4096x4096 GEMV; here
+// they ride along with the GEMVs instead:
 //   XNORM:  x is the residual stream; each CTA first stages the norm's output
 //           T(x * rsqrt(mean(x^2) + eps) * g) (rounded as stored) in shared memory;
 //   Y_ADD:  y = T(T(x W^T + b) + residual): the new residual stream;
 //   Y_SILU: rows (n, n + I) are gate and up: y[:, n] = T(silu(T(gate)) * T(up));
 //   Y_QKV:  rows (n, n + D/2) of one head: RoPE on q and k, q to y, k and v to the
 //           paged cache at slot_mapping (slots < 0 are padding: skipped).
-// Each warp owns two weight rows, a pair (n_a, n_b = n_a + pair_offset) with
-// n_a = (g / pair_period) * pair_stride + g % pair_period for warp g; each lane loads 16
-// bytes of both rows per load, UNROLL loads in flight; x is read through L1, w bypasses it
-// (read once). fp32 accumulation, one warp reduction per output. K % 8 == 0 and 16-byte
-// aligned rows (the launcher checks).
+// Each warp owns pairs of weight rows (n_a, n_b = n_a + pair_offset) with
+// n_a = (g / pair_period) * pair_stride + g % pair_period for pair g; each lane loads 16
+// bytes of both rows per load, UNROLL loads in flight. w bypasses L1 (read once); x is
+// read through L1 (or from the XNORM staging). fp32 accumulation, one warp reduction per
+// output. K % 8 == 0 and 16-byte aligned rows (the launcher checks). The model uses them
+// at M = 1 only: from M = 2 on cuBLAS's tensor-core GEMMs are faster (workers/model.py).
 
 constexpr int Y_ADD = 0, Y_SILU = 1, Y_QKV = 2;
 

@@ -109,8 +109,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward_fused(self, positions, x, kv_cache, meta):
         """A small decode batch at TP=1, where the norms, RoPE, cache writes, SiLU and residual
-        adds cost as much as the GEMVs they sit between: each rides with its GEMV (ops/
-        decode_gemv.cu), three kernels and attention instead of ten. x is the residual
+        adds are launch latency, not work: each rides with the GEMV next to it (ops/
+        decode_gemv.cu), four kernels and attention instead of up to eleven. x is the residual
         stream [T, H] (not a block output plus a residual); returns the next one. The same
         ops in the same order as forward(), so the same numbers up to summation order."""
         ops, attn, mlp = ops_for(x), self.self_attn, self.mlp
