@@ -133,11 +133,10 @@ class LLMEngine:
     def _completion(self, group: SequenceGroup, seq: Sequence) -> CompletionOutput:
         params = group.sampling_params
         text = self._detokenize(seq, params) if params.detokenize else ""
-        status = seq.status
-        reason = status.value if status.is_finished else None
+        reason = seq.status.value if seq.status.is_finished else None
         logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
-        # A fresh slice: the output never aliases the sequence's list.
-        return CompletionOutput(seq.seq_index, text, seq.token_ids[seq.num_prompt_tokens:], reason, logprobs)
+        # output_token_ids is a fresh slice: the output never aliases the sequence's list.
+        return CompletionOutput(seq.seq_index, text, seq.output_token_ids, reason, logprobs)
 
     def _detokenize(self, seq: Sequence, params: SamplingParams) -> str:
         """The completion's text so far; ends the sequence at a stop string (excluded)."""

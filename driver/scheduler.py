@@ -326,7 +326,7 @@ class Scheduler:
     def _build_output(self, out: SchedulerOutput, scheduled: list,
                       resend: set) -> list[tuple[Sequence, int, bool]]:
         # Decodes (exactly one uncomputed token) first, then prefill chunks; stable order.
-        chunks = [len(s.token_ids) + s.num_pending - s.num_computed_tokens != 1 for s, _ in scheduled]
+        chunks = [s.num_uncomputed_tokens != 1 for s, _ in scheduled]
         if any(chunks):  # (all decodes, the steady state: already in order)
             order = sorted(range(len(scheduled)), key=chunks.__getitem__)
             scheduled = [scheduled[i] for i in order]

@@ -203,6 +203,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     return None
 
 
-__all__ = ["linear", "norm_qkv_rope_cache", "linear_add", "norm_gate_up_silu", "rms_norm", "fused_add_rms_norm",
-           "silu_and_mul", "rope_cos_sin_cache", "rotary_embedding", "reshape_and_cache", "paged_attention", "paged_attention_decode",
-           "fallback_reason", "decode_partitions"]
+__all__ = ["linear", "norm_qkv_rope_cache", "linear_add", "norm_gate_up_silu", "rms_norm",
+           "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache", "rotary_embedding",
+           "reshape_and_cache", "paged_attention", "paged_attention_decode", "fallback_reason",
+           "decode_partitions"]

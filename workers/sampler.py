@@ -308,10 +308,6 @@ class Sampler:
         want_logprobs = any(r.params.logprobs is not None for r in rows)
         needs_processing = any(has_penalties(r.params) or min_tokens_active(r) for r in rows)
 
-        # The common case: all greedy, nothing to process, no logprobs.
-        if all(greedy) and not needs_processing and not want_logprobs:
-            return SamplerOutput(logits.argmax(dim=-1), [])
-
         raw = logits if logits.dtype == torch.float32 else logits.float()
         x = process_logits(raw, rows) if needs_processing else raw  # raw is never modified
 
