@@ -109,16 +109,43 @@ def make_llm(args, tp: int = 1, **engine_kwargs):
     return LLM(model=model_dir(args.shape, args.dtype), tensor_parallel_size=tp, **kwargs)
 
 
-def profile_top(llm, run, top: int = 30, rank: int = 0) -> list[dict]:
-    """run() under the workers' torch.profiler: that rank's top ops by their own device time."""
+def profile_top(llm, run, top: int = 30, rank: int = 0, trace_dir: str | None = None) -> list[dict]:
+    """run() under the workers' torch.profiler: that rank's top ops by their own device time.
+    With trace_dir, the ranks' timelines go there too, and rank's device gaps are printed."""
     llm.start_profile()
     try:
         run()
     finally:
-        rows = llm.stop_profile(top, rank)
+        rows = llm.stop_profile(top, rank, trace_dir)
     print(f"top {top} ops by self device time:")
     print_table(["self_ms", "count", "name"], [[round(r["self_ms"], 2), r["count"], r["name"][:90]] for r in rows])
+    if trace_dir is not None:
+        gaps = device_gaps(os.path.join(trace_dir, f"rank{rank}.json"))
+        print(f"rank {rank} device timeline: {json.dumps({k: v for k, v in gaps.items() if k != 'top_gaps'})}")
+        print_table(["gap_ms", "count", "ops (before -> after)"], [[g["ms"], g["count"], g["between"]] for g in gaps["top_gaps"]])
     return rows
+
+
+def device_gaps(trace_path: str, top: int = 12) -> dict:
+    """From a Chrome trace of torch.profiler: the device's busy time, its span (first op's start
+    to last op's end) and the idle gaps between consecutive ops (kernels, copies, memsets),
+    summed per (op before, op after) pair: where the device waits on launches or the host."""
+    events = json.load(open(trace_path))["traceEvents"]
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    if not ops:
+        return {"busy_ms": 0.0, "span_ms": 0.0, "idle_ms": 0.0, "top_gaps": []}
+    sums: dict[str, list] = {}
+    for a, b in zip(ops, ops[1:]):
+        pair = f"{a['name'][:40]} -> {b['name'][:40]}"
+        entry = sums.setdefault(pair, [0.0, 0])
+        entry[0] += max(0.0, b["ts"] - a["ts"] - a["dur"])
+        entry[1] += 1
+    busy = sum(e["dur"] for e in ops) / 1e3
+    span = (ops[-1]["ts"] + ops[-1]["dur"] - ops[0]["ts"]) / 1e3
+    ranked = sorted(sums.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"busy_ms": round(busy, 3), "span_ms": round(span, 3), "idle_ms": round(span - busy, 3),
+            "top_gaps": [{"between": k, "ms": round(v[0] / 1e3, 3), "count": v[1]} for k, v in ranked]}
 
 
 def wait_gpu_free(fraction: float = 0.8, timeout_s: float = 60.0) -> float:

@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="then profile 20 more steps (torch.profiler)")
     p.add_argument("--profile-rank", type=int, default=0, help="whose ops --profile reports (default: 0)")
+    p.add_argument("--trace-dir", help="with --profile: write the ranks' timelines there (rank<r>.json, "
+                   "Chrome trace) and print the device's idle gaps")
     p.add_argument("--no-async", dest="async_scheduling", action="store_false",
                    help="the synchronous engine loop (schedule, run, update, one step at a time)")
     args = resolve_args(p.parse_args())
@@ -103,7 +105,8 @@ def main() -> None:
         for prompt in prompts:
             engine.add_request(prompt, sampling(args.warmup + 2 * args.steps + 64))
         plain, mirrored = (summarize(rows) for rows in run_steps(engine, args.batch, args.steps, args.warmup))
-        top = (profile_top(llm, lambda: [engine.step() for _ in range(20)], rank=args.profile_rank)
+        top = (profile_top(llm, lambda: [engine.step() for _ in range(20)], rank=args.profile_rank,
+                           trace_dir=args.trace_dir)
                if args.profile else None)
     config = {k: getattr(args, k) for k in ("shape", "dtype", "tp", "batch", "prompt_len", "steps",
                                             "warmup", "max_model_len", "enforce_eager",

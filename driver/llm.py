@@ -97,9 +97,11 @@ class LLM:
         """Profile the workers (torch.profiler) until stop_profile()."""
         self.engine.executor.run_all("start_profile")
 
-    def stop_profile(self, top: int = 30, rank: int = 0) -> list[dict]:
-        """That rank's `top` ops by their own device time: [{name, count, self_ms}]."""
-        return self.engine.executor.run_all("stop_profile", top)[rank]
+    def stop_profile(self, top: int = 30, rank: int = 0, trace_dir: str | None = None) -> list[dict]:
+        """That rank's `top` ops by their own device time: [{name, count, self_ms}]. With
+        trace_dir (a path on the workers' nodes), each rank also writes its timeline there as
+        rank<r>.json (Chrome trace: chrome://tracing, Perfetto)."""
+        return self.engine.executor.run_all("stop_profile", top, trace_dir)[rank]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -115,6 +115,34 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], inter)
 
 
+# --------------------------------------------------------------------------- sampling
+
+
+ARGMAX_CHUNK = 4096  # elements per CTA of the first pass (a multiple of 4)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [S, V] float32 -> int64 [S]: the greedy tokens (ops/argmax.cu)."""
+    if (logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(-1) != 1
+            or not 0 < logits.shape[1] < 2 ** 31 or logits.shape[0] > 65535):
+        return reference.argmax(logits)  # (which raises on rows of width 0, as torch does)
+    rows, width = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows:
+        stride = logits.stride(0) if rows > 1 else width
+        vec = 4 if width % 4 == 0 and stride % 4 == 0 and _aligned(logits) else 1
+        chunks = -(-width // ARGMAX_CHUNK)
+        part_v = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
+        part_i = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
+        dev = _dev(logits)
+        k = _kernel("argmax.cu", f"argmax_chunks_kernel<{vec}>", dev)
+        _launch(k, dev, (chunks, rows), (256,), (_p(part_v), _p(part_i), _p(logits), _i64(stride), _i32(width),
+                                                 _i32(ARGMAX_CHUNK)))
+        k = _kernel("argmax.cu", "argmax_rows_kernel<32>", dev)
+        _launch(k, dev, (rows,), (32,), (_p(out), _p(part_v), _p(part_i), _i32(chunks)))
+    return out
+
+
 # --------------------------------------------------------------------------- rotary
 
 
@@ -203,7 +231,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     return None
 
 
-__all__ = ["linear", "norm_qkv_rope_cache", "linear_add", "norm_gate_up_silu", "rms_norm",
+__all__ = ["argmax", "linear", "norm_qkv_rope_cache", "linear_add", "norm_gate_up_silu", "rms_norm",
            "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache", "rotary_embedding",
            "reshape_and_cache", "paged_attention", "paged_attention_decode", "fallback_reason",
            "decode_partitions"]

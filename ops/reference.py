@@ -66,6 +66,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # kernels' results and are what the CPU engine runs.
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens: logits [S, V] -> int64 [S], the first index of each row's maximum
+    (a NaN counts as the maximum), as torch.argmax."""
+    return logits.argmax(dim=-1)
+
+
 def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
                         qkv_bias: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                         key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -232,6 +238,6 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
                            context_lens, scale)
 
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache",
+__all__ = ["argmax", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache",
            "rotary_embedding", "reshape_and_cache", "linear", "norm_qkv_rope_cache", "linear_add",
            "norm_gate_up_silu", "paged_attention", "paged_attention_decode"]

@@ -54,6 +54,7 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled]: the last scheduled token of each sampling seq
     sample_req_ids: list[str]
+    samples_every_token: bool = False  # logits_indices is arange(num_tokens) (decode-only steps)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class ModelRunner:
                                  query_start_loc=qsl, num_decodes=int(num_decodes),
                                  max_query_len=max(num_scheduled),
                                  max_context_len=self.context_bound or int(r.context_lens.max()), prefill=plan)
-        return StepInputs(ids, pos, meta, rows, r.sample_ids)
+        return StepInputs(ids, pos, meta, rows, r.sample_ids, len(r.sample_rows) == len(r.input_ids))
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Decode CUDA graphs over the (already allocated) KV cache."""
@@ -175,7 +176,9 @@ class ModelRunner:
             hidden = self._forward(inputs)  # [T, H]
             if inputs.sample_req_ids:
                 # Every rank joins the logits all-gather; only rank 0 samples.
-                logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
+                if not inputs.samples_every_token:  # (else the gather is a copy of all of it)
+                    hidden = hidden[inputs.logits_indices]
+                logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
             timer.lap("forward_s")
         outs = [self._finish(prev)]  # this step is queued: now wait for the previous one's tokens
         self._prev = self._sample(so.step_id, inputs, logits, timer)

@@ -30,6 +30,7 @@ from itertools import chain
 import torch
 
 from driver.sampling_params import SamplingParams
+from ops.dispatch import ops_for
 
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing by a
 # tiny temperature overflows the logits.
@@ -303,7 +304,7 @@ class Sampler:
             if not r.plain:
                 break
         else:
-            return SamplerOutput(logits.argmax(dim=-1), [])
+            return SamplerOutput(ops_for(logits).argmax(logits), [])
         greedy = [is_greedy(r.params) for r in rows]
         want_logprobs = any(r.params.logprobs is not None for r in rows)
         needs_processing = any(has_penalties(r.params) or min_tokens_active(r) for r in rows)
@@ -315,7 +316,7 @@ class Sampler:
         if len(random_idx) == num_rows:
             tokens = self._sample(x, rows)
         else:
-            tokens = x.argmax(dim=-1)
+            tokens = ops_for(x).argmax(x)
             if random_idx:
                 idx_t = _index(random_idx, x.device)
                 sampled = self._sample(x.index_select(0, idx_t), [rows[i] for i in random_idx])

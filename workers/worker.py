@@ -131,12 +131,16 @@ class Worker:
         self._profiler = profile(activities=activities)
         self._profiler.__enter__()
 
-    def stop_profile(self, top: int = 30) -> list[dict]:
-        """The `top` ops by their own device time (CPU time on a CPU worker)."""
+    def stop_profile(self, top: int = 30, trace_dir: str | None = None) -> list[dict]:
+        """The `top` ops by their own device time (CPU time on a CPU worker); with trace_dir,
+        the timeline too, as trace_dir/rank<r>.json."""
         prof, self._profiler = self._profiler, None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prof.__exit__(None, None, None)
+        if trace_dir is not None:
+            os.makedirs(trace_dir, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(trace_dir, f"rank{self.rank}.json"))
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         rows = [{"name": e.key, "count": e.count, "self_ms": getattr(e, key, 0.0) / 1e3}
                 for e in prof.key_averages()]

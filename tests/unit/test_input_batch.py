@@ -65,6 +65,8 @@ def check_inputs(runner: ModelRunner, so, prev) -> object:
     for t, name in pairs:
         assert t.dtype == want[name].dtype and torch.equal(t, want[name]), name
     assert got.sample_req_ids == want["sample_ids"]
+    every = torch.equal(want["logits_indices"], torch.arange(len(want["input_ids"])))
+    assert got.samples_every_token == every
     assert (m.num_decodes, m.max_query_len, m.max_context_len) == \
         (want["num_decodes"], want["max_query_len"], want["max_context_len"])
     if "plan" in want:
