@@ -93,7 +93,7 @@ class Scheduler:
         arrival = self._next_arrival
         self._next_arrival += 1
         self._groups[group.request_id] = group
-        group.stop_token_ids = self._stop_token_ids(p)
+        group.set_stop_token_ids(self.eos_token_ids)
         if not group.forked:
             self._unforked.add(group.seqs[0].seq_id)
         for seq in group.seqs:
@@ -307,10 +307,6 @@ class Scheduler:
             self._track(child, group, arrival)
             bisect.insort(self.running, child, key=self._key)
 
-    def _stop_token_ids(self, params: SamplingParams) -> tuple[int, ...]:
-        eos = () if params.ignore_eos else self.eos_token_ids
-        return eos + tuple(t for t in params.stop_token_ids if t not in eos)
-
     def _new_request_data(self, seq: Sequence) -> NewRequestData:
         # Only a sequence with nothing pending is sent in full (a fresh copy on the
         # workers would lack the pending token): copy-on-write happens only at a
@@ -388,20 +384,9 @@ class Scheduler:
         if group.first_token_time is None:
             group.first_token_time = now
         touched[group.request_id] = group
-        status = self._check_stop(seq, token, group)
+        status = group.stop_status(seq, token, self.max_model_len)
         if status is not None:
             self._finish(seq, status)
-
-    def _check_stop(self, seq: Sequence, token: int, group: SequenceGroup) -> SequenceStatus | None:
-        p, num_tokens = group.sampling_params, len(seq.token_ids)
-        num_output = num_tokens - seq.num_prompt_tokens
-        if token in group.stop_token_ids and num_output >= p.min_tokens:
-            return _S.FINISHED_STOPPED
-        if p.max_tokens is not None and num_output >= p.max_tokens:
-            return _S.FINISHED_LENGTH
-        if num_tokens >= self.max_model_len:
-            return _S.FINISHED_LENGTH
-        return None
 
     # ---- stats and checks -----------------------------------------------------------------
     @property

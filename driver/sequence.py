@@ -88,7 +88,7 @@ class SequenceGroup:
     arrival_time: float = field(default_factory=time.monotonic)
     forked: bool = False
     first_token_time: float | None = None
-    # EOS (unless ignore_eos) + the params' stop ids: set once by the scheduler at admission.
+    # EOS (unless ignore_eos) + the params' stop ids: set_stop_token_ids, at admission.
     stop_token_ids: tuple[int, ...] = ()
 
     @staticmethod
@@ -98,6 +98,23 @@ class SequenceGroup:
                           num_prompt_tokens=len(prompt_token_ids))
         return SequenceGroup(request_id, prompt, list(prompt_token_ids), sampling_params, [parent],
                              forked=sampling_params.n == 1)
+
+    def set_stop_token_ids(self, eos_token_ids: tuple[int, ...]) -> None:
+        p = self.sampling_params
+        eos = () if p.ignore_eos else eos_token_ids
+        self.stop_token_ids = eos + tuple(t for t in p.stop_token_ids if t not in eos)
+
+    def stop_status(self, seq: Sequence, token: int, max_model_len: int) -> SequenceStatus | None:
+        """How seq finishes now that it sampled `token` (the newest of its token_ids), if it does."""
+        p, num_tokens = self.sampling_params, len(seq.token_ids)
+        num_output = num_tokens - seq.num_prompt_tokens
+        if token in self.stop_token_ids and num_output >= p.min_tokens:
+            return SequenceStatus.FINISHED_STOPPED
+        if p.max_tokens is not None and num_output >= p.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH
+        if num_tokens >= max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
 
     @property
     def prefill_target(self) -> int:

@@ -181,6 +181,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
             timer.lap("forward_s")
         outs = [self._finish(prev)]  # this step is queued: now wait for the previous one's tokens
+        timer.lap("wait_prev_s")  # (the GPU's time, not the host's: kept out of sample_s)
         self._prev = self._sample(so.step_id, inputs, logits, timer)
         if self.device.type == "cpu":  # nothing to overlap: answer now
             outs.append(self._finish(self._prev))
@@ -265,7 +266,7 @@ class _StepTimer:
         self.last = now
 
     def end(self) -> None:
-        self.timings["worker_step_s"] = time.perf_counter() - self.start  # host time to queue it
+        self.timings["worker_step_s"] = time.perf_counter() - self.start  # host time, wait_prev_s included
         if self.events is not None:
             self.events[1].record()
 
