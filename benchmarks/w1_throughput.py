@@ -10,6 +10,7 @@ Reported: speedup = hf_s / ours_s (goal >= 15x), ours vs 7.3 s (H100 target) and
     python3 -m benchmarks.w1_throughput                       # ours + HF, one GPU
     python3 -m benchmarks.w1_throughput --no-hf --num-requests 64
     python3 -m benchmarks.w1_throughput --shape tiny --num-requests 8   # CPU smoke test
+    python3 -m benchmarks.w1_throughput --no-hf --trace-dir /tmp/w1   # + device gaps of 12 steps
 """
 from __future__ import annotations
 
@@ -58,12 +59,29 @@ def run_ours(args, prompts: list[list[int]]) -> dict:
         if args.profile:  # once more, other token ids (no prefix hits), under the profiler
             again = w1_prompts(args.shape, len(prompts), seed=1)
             top = profile_top(llm, lambda: llm.generate(again, sampling(args.new_tokens), use_tqdm=False))
+        if args.trace_dir:
+            trace_window(llm, w1_prompts(args.shape, len(prompts), seed=2), args)
     _check([len(o.outputs[0].token_ids) for o in outs], len(prompts), args.new_tokens, "ours")
     print("engine metrics (warm-up included):", json.dumps(snap), flush=True)
     sched = llm.config.scheduler
     used = {"max_num_batched_tokens": sched.max_num_batched_tokens, "max_num_seqs": sched.max_num_seqs}
     return {"budgets": used, "wall_s": round(wall, 3), "out_tok_s": round(len(prompts) * args.new_tokens / wall, 1),
             "engine_steps": snap["steps"], "engine_metrics": snap, "profile_top": top}
+
+
+def trace_window(llm, prompts: list[list[int]], args) -> None:
+    """The workload once more, step by step: steps [--trace-start, + --trace-steps) under the
+    profiler, their timelines written to --trace-dir and the device's idle gaps printed (a
+    trace of the whole run would not fit in memory); then the remaining requests aborted."""
+    engine = llm.engine
+    ids = [engine.add_request(prompt, sampling(args.new_tokens)) for prompt in prompts]
+    for _ in range(args.trace_start):
+        engine.step()
+    profile_top(llm, lambda: [engine.step() for _ in range(args.trace_steps)], top=15, trace_dir=args.trace_dir)
+    for request_id in ids:
+        engine.abort_request(request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 def run_hf_subprocess(args) -> dict:
@@ -134,6 +152,10 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, help="our engine's per-step sequence budget (default: the engine's)")
     p.add_argument("--profile", action="store_true",
                    help="then run the workload again under torch.profiler and report the top ops")
+    p.add_argument("--trace-dir", help="then trace a window of the workload's steps (--trace-start, "
+                   "--trace-steps) into this directory and print the device's idle gaps")
+    p.add_argument("--trace-start", type=int, default=4, help="steps before the traced window")
+    p.add_argument("--trace-steps", type=int, default=12, help="steps in the traced window")
     p.add_argument("--hf-timeout", type=int, default=480, help="seconds the HF subprocess may run")
     p.add_argument("--hf-child", help=argparse.SUPPRESS)  # internal: run HF, write JSON here
     args = resolve_args(p.parse_args())
