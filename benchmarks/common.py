@@ -130,7 +130,8 @@ def device_gaps(trace_path: str, top: int = 12) -> dict:
     """From a Chrome trace of torch.profiler: the device's busy time, its span (first op's start
     to last op's end) and the idle gaps between consecutive ops (kernels, copies, memsets),
     summed per (op before, op after) pair: where the device waits on launches or the host."""
-    events = json.load(open(trace_path))["traceEvents"]
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
     ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                  key=lambda e: e["ts"])
     if not ops:

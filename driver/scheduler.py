@@ -141,7 +141,7 @@ class Scheduler:
         group = self._group_of.pop(seq.seq_id)
         del self._keys[seq.seq_id]
         self._unforked.discard(seq.seq_id)
-        if group.forked and all(s.status.is_finished for s in group.seqs):
+        if group.is_finished:
             self._groups.pop(group.request_id, None)
 
     # ---- schedule -------------------------------------------------------------------

@@ -23,7 +23,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H], weight [H] -> [T, H]."""
     xf = x.float()
@@ -66,12 +65,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # kernels' results and are what the CPU engine runs.
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Greedy tokens: logits [S, V] -> int64 [S], the first index of each row's maximum
-    (a NaN counts as the maximum), as torch.argmax."""
-    return logits.argmax(dim=-1)
-
-
 def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
                         qkv_bias: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                         key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -97,6 +90,15 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                       gate_up_weight: torch.Tensor) -> torch.Tensor:
     """silu_and_mul(gate_up_proj(rms_norm(x))): x [M, H] -> [M, I]."""
     return silu_and_mul(linear(rms_norm(x, norm_weight, eps), gate_up_weight))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens: logits [S, V] -> int64 [S], the first index of each row's maximum
+    (a NaN counts as the maximum), as torch.argmax."""
+    return logits.argmax(dim=-1)
 
 
 # --------------------------------------------------------------------------- rotary

@@ -68,4 +68,5 @@ def _dtype_views(buf: torch.Tensor) -> dict[np.dtype, torch.Tensor]:
     """buf (uint8, a multiple of 16 bytes) as each dtype the runner stages."""
     return {np.dtype(np.int64): buf.view(torch.int64), np.dtype(np.int32): buf.view(torch.int32)}
 
+
 __all__ = ["StagingBuffer"]
