@@ -28,6 +28,9 @@
 // normalised partial out) in float32 and paged_attention_reduce_kernel merges
 // the partitions. Partitions past a sequence's context return at once (a CUDA
 // graph sizes the grid for max_model_len); the reduce reads only valid ones.
+// Cluster split (sm_90, paged_attention_decode_cluster_kernel): the partitions of
+// one (kv head, sequence) form a thread-block cluster and merge in distributed
+// shared memory, without the reduce kernel.
 //
 // Needs sm_80+ (cp.async, ldmatrix, bf16 mma). Built without any header:
 // conversions are bit operations and PTX, so NVRTC needs no include path.
@@ -163,23 +166,48 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned int addr, unsigned in
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
 }
 
+// Cluster helpers (sm_90): this CTA's rank in its cluster, a barrier over the whole
+// cluster (release/acquire: shared-memory writes before it are seen by peers after it),
+// and a float read from the shared memory of cluster peer `rank` at this CTA's address p.
+__device__ __forceinline__ unsigned int cluster_rank() {
+  unsigned int r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ float ld_peer(const float* p, unsigned int rank) {
+  unsigned int a;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_u32(p)), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
+  return v;
+}
+
+#define PAGED_DECODE_PARAMS                                                                        \
+  T *__restrict__ out,                     /* [B, Hq, D] (unsplit, cluster) */                     \
+      float *__restrict__ part_out,        /* [B, Hq, P, D] (split) */                             \
+      float *__restrict__ part_max,        /* [B, Hq, P] */                                        \
+      float *__restrict__ part_sum,        /* [B, Hq, P] */                                        \
+      const T *__restrict__ query,         /* [B, Hq, D], row stride q_stride elements */          \
+      const T *__restrict__ key_cache,     /* [NB, Hk, BS, D] */                                   \
+      const T *__restrict__ value_cache,   /* [NB, Hk, BS, D] */                                   \
+      const int *__restrict__ block_tables, /* [B, max_blocks] */                                  \
+      const int *__restrict__ context_lens, /* [B] */                                              \
+      int num_kv_heads, int group, int n_sub, int max_blocks, long long q_stride, int partition_blocks, \
+      float scale_log2
+
 // Shared memory the launcher must provide (bytes):
 //   max(NUM_WARPS * STAGES * 2 * 16 * HEAD_DIM * 2,                  (pipeline)
 //       NUM_WARPS * 16 * (HEAD_DIM + 4) * 4 + NUM_WARPS * 16 * 2 * 4)  (warp merge)
-template <typename T, int HEAD_DIM, int BLOCK_SIZE, int NUM_WARPS, int STAGES>
-__global__ void __launch_bounds__(NUM_WARPS * 32)
-paged_attention_decode_kernel(
-    T* __restrict__ out,               // [B, Hq, D] (unsplit)
-    float* __restrict__ part_out,      // [B, Hq, P, D] (split)
-    float* __restrict__ part_max,      // [B, Hq, P]
-    float* __restrict__ part_sum,      // [B, Hq, P]
-    const T* __restrict__ query,       // [B, Hq, D], row stride q_stride elements
-    const T* __restrict__ key_cache,   // [NB, Hk, BS, D]
-    const T* __restrict__ value_cache, // [NB, Hk, BS, D]
-    const int* __restrict__ block_tables,  // [B, max_blocks]
-    const int* __restrict__ context_lens,  // [B]
-    int num_kv_heads, int group, int n_sub, int max_blocks, long long q_stride,
-    int partition_blocks, float scale_log2) {
+//   + CLUSTER ? (16 * HEAD_DIM + 32) * 4 : 0                           (the CTA's partition result)
+// CLUSTER: the split variant whose partitions are the CTAs of one thread-block cluster
+// (grid z == cluster size): each CTA leaves its partition's result in shared memory and
+// the cluster merges them through distributed shared memory, instead of the round trip
+// through global memory and paged_attention_reduce_kernel.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, int NUM_WARPS, int STAGES, bool CLUSTER>
+__device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "head_dim");
   constexpr int TILE = 16;                        // tokens per MMA tile
   static_assert(BLOCK_SIZE % TILE == 0, "block_size");
@@ -213,7 +241,9 @@ paged_attention_decode_kernel(
   const int ctx = min(context_lens[b], max_blocks * BLOCK_SIZE);
   const int n_blocks = (ctx + BLOCK_SIZE - 1) / BLOCK_SIZE;
   const int blk_begin = part * partition_blocks;
-  if (num_parts > 1 && blk_begin >= n_blocks) return;  // the reduce skips it
+  // A partition past the context: the reduce skips it; a cluster's CTA stays for the
+  // barriers, with no tiles (its result: max -inf, sum 0, weight 0 in the merge).
+  if (!CLUSTER && num_parts > 1 && blk_begin >= n_blocks) return;
   const int blk_end = min(n_blocks, blk_begin + partition_blocks);
   const int t_begin = blk_begin * TPB;
   // Tiles that hold at least one position < ctx.
@@ -374,6 +404,11 @@ paged_attention_decode_kernel(
   float* sm_o = reinterpret_cast<float*>(smem_raw);      // [NUM_WARPS][16][SO_STRIDE]
   float* sm_m = sm_o + NUM_WARPS * 16 * SO_STRIDE;       // [NUM_WARPS][16]
   float* sm_l = sm_m + NUM_WARPS * 16;                   // [NUM_WARPS][16]
+  constexpr int PIPE_BYTES = NUM_WARPS * STAGES * STAGE_BYTES;
+  constexpr int MERGE_BYTES = NUM_WARPS * 16 * SO_STRIDE * 4 + NUM_WARPS * 16 * 2 * 4;
+  float* cl_o = reinterpret_cast<float*>(smem_raw + (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES));
+  float* cl_m = cl_o + 16 * HEAD_DIM;  // [16] (CLUSTER: this partition's result)
+  float* cl_l = cl_m + 16;             // [16]
   {
     float* r0 = sm_o + (warp * 16 + gid) * SO_STRIDE + 2 * tig;
     float* r1 = r0 + 8 * SO_STRIDE;
@@ -408,7 +443,13 @@ paged_attention_decode_kernel(
     }
     const float val = L > 0.f ? O / L : 0.f;
     const int hq = h0 + r;
-    if (num_parts == 1) {
+    if constexpr (CLUSTER) {
+      cl_o[r * HEAD_DIM + d] = val;
+      if (d == 0) {
+        cl_m[r] = M;
+        cl_l[r] = L;
+      }
+    } else if (num_parts == 1) {
       DT<T>::store(out, ((long long)b * num_heads + hq) * HEAD_DIM + d, val);
     } else {
       const long long pi = ((long long)b * num_heads + hq) * num_parts + part;
@@ -419,6 +460,44 @@ paged_attention_decode_kernel(
       }
     }
   }
+  if constexpr (CLUSTER) {
+    // Each CTA merges a 1/num_parts share of the outputs from every partition that holds
+    // context (as paged_attention_reduce_kernel does), then waits until every peer is
+    // done reading its shared memory before it exits.
+    cluster_sync();
+    const int n_p = min(num_parts, (n_blocks + partition_blocks - 1) / partition_blocks);
+    for (int idx = cluster_rank() * NUM_WARPS * 32 + threadIdx.x; idx < nrows * HEAD_DIM;
+         idx += num_parts * NUM_WARPS * 32) {
+      const int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
+      float M = RAYTP_NEG_INF;
+      for (int q = 0; q < n_p; ++q) M = fmaxf(M, ld_peer(&cl_m[r], q));
+      float L = 0.f, O = 0.f;
+      for (int q = 0; q < n_p; ++q) {
+        const float mq = ld_peer(&cl_m[r], q);
+        const float wq = mq == RAYTP_NEG_INF ? 0.f : ld_peer(&cl_l[r], q) * exp2f(mq - M);
+        L += wq;
+        O = fmaf(wq, ld_peer(&cl_o[r * HEAD_DIM + d], q), O);
+      }
+      DT<T>::store(out, ((long long)b * num_heads + h0 + r) * HEAD_DIM + d, L > 0.f ? O / L : 0.f);
+    }
+    cluster_sync();
+  }
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, int NUM_WARPS, int STAGES>
+__global__ void __launch_bounds__(NUM_WARPS * 32) paged_attention_decode_kernel(PAGED_DECODE_PARAMS) {
+  paged_attention_decode<T, HEAD_DIM, BLOCK_SIZE, NUM_WARPS, STAGES, false>(
+      out, part_out, part_max, part_sum, query, key_cache, value_cache, block_tables, context_lens, num_kv_heads,
+      group, n_sub, max_blocks, q_stride, partition_blocks, scale_log2);
+}
+
+// Grid (num_kv_heads * n_sub, B, CL): the CL partitions of a (kv head, sequence) are one cluster.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, int NUM_WARPS, int STAGES, int CL>
+__global__ void __cluster_dims__(1, 1, CL) __launch_bounds__(NUM_WARPS * 32)
+    paged_attention_decode_cluster_kernel(PAGED_DECODE_PARAMS) {
+  paged_attention_decode<T, HEAD_DIM, BLOCK_SIZE, NUM_WARPS, STAGES, true>(
+      out, part_out, part_max, part_sum, query, key_cache, value_cache, block_tables, context_lens, num_kv_heads,
+      group, n_sub, max_blocks, q_stride, partition_blocks, scale_log2);
 }
 
 // Merges the partitions of the split kernel. Grid (Hq, B), 128 threads;

@@ -215,10 +215,19 @@ def decode_reference(q, kc, vc, bt, ctx_lens, scale):
 # --------------------------------------------------------------------------- decode
 
 
+@pytest.fixture(params=["cluster", "reduce_kernel"])
+def split_merge(request, monkeypatch):
+    """Split decode merges its partitions in a thread-block cluster (sm_90, up to 8
+    partitions) or through paged_attention_reduce_kernel: each test runs both."""
+    if request.param == "cluster" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("clusters need sm_90")
+    monkeypatch.setattr(A, "CLUSTER_MERGE", request.param == "cluster")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("mode", ["auto", "unsplit", "split3", "graph_bound"])
+@pytest.mark.parametrize("mode", ["auto", "unsplit", "split3", "split8", "graph_bound"])
 def test_paged_attention_decode(dtype, head_dim, group, mode):
     hk = 2
     contexts = CONTEXTS
@@ -226,11 +235,29 @@ def test_paged_attention_decode(dtype, head_dim, group, mode):
     ctx_lens = torch.tensor(contexts, dtype=torch.int32, device=DEV)
     q = torch.randn(len(contexts), hk * group, head_dim, device=DEV).to(dtype)
     scale = head_dim ** -0.5
-    kwargs = {"auto": {}, "unsplit": {"num_parts": 1}, "split3": {"num_parts": 3},
+    kwargs = {"auto": {}, "unsplit": {"num_parts": 1}, "split3": {"num_parts": 3}, "split8": {"num_parts": 8},
               "graph_bound": {"max_context_len": 8192}}[mode]
     poison_allocator(q.numel() * 2)
     out = K.paged_attention_decode(q, kc, vc, bt, ctx_lens, scale, **kwargs)
     check(out, decode_reference(q, kc, vc, bt, ctx_lens, scale), dtype, mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,group,block_size", [(64, 1, 16), (128, 4, 16), (128, 8, 32), (64, 6, 16),
+                                                       (128, 32, 16)])
+def test_paged_attention_decode_single_sequence(dtype, head_dim, group, block_size, split_merge):
+    # Batch 1 is where a split merges in a cluster: every context of CONTEXTS, split
+    # by the heuristic (graph bound 2048 or 8192), into 2, 3, 5 or 8 partitions.
+    hk = 2
+    for ctx in CONTEXTS:
+        kc, vc, bt = make_paged_kv([ctx], hk, head_dim, dtype, block_size=block_size)
+        ctx_lens = torch.tensor([ctx], dtype=torch.int32, device=DEV)
+        q = torch.randn(1, hk * group, head_dim, device=DEV).to(dtype)
+        want = decode_reference(q, kc, vc, bt, ctx_lens, 0.1)
+        for kwargs in ({"max_context_len": 2048}, {"max_context_len": 8192}, {"num_parts": 2}, {"num_parts": 3},
+                       {"num_parts": 5}, {"num_parts": 8}):
+            out = K.paged_attention_decode(q, kc, vc, bt, ctx_lens, 0.1, **kwargs)
+            check(out, want, dtype, f"ctx {ctx} {kwargs}")
 
 
 def test_decode_split_choice():
@@ -284,12 +311,12 @@ def test_paged_attention_decode_large_batch():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_parts", [None, 1])
-def test_paged_attention_decode_cuda_graph(dtype, num_parts):
+@pytest.mark.parametrize("num_parts,bsz", [(None, 4), (1, 4), (None, 1), (8, 1)])
+def test_paged_attention_decode_cuda_graph(dtype, num_parts, bsz, split_merge):
     """Capture decode with max_context_len fixed at a 'max_model_len', replay with
     new contexts, queries and cache contents; compare every replay."""
     hk, group, head_dim, bs, max_len = 2, 4, 128, 16, 4097
-    bsz, max_blocks = 4, -(-max_len // bs)
+    max_blocks = -(-max_len // bs)
     nb = bsz * max_blocks + 3
     kc = torch.full((nb, hk, bs, head_dim), float("nan"), device=DEV, dtype=dtype)
     vc = torch.full_like(kc, float("nan"))
@@ -309,7 +336,7 @@ def test_paged_attention_decode_cuda_graph(dtype, num_parts):
         ctx_lens.copy_(torch.tensor(contexts, dtype=torch.int32))
         q.copy_(torch.randn_like(q, dtype=torch.float32).to(dtype))
 
-    load([5, 17, 300, 4097])
+    load([5, 17, 300, 4097][:bsz])
     run = lambda: K.paged_attention_decode(q, kc, vc, bt, ctx_lens, scale, max_context_len=max_len,
                                            num_parts=num_parts)
     s = torch.cuda.Stream()
@@ -321,7 +348,8 @@ def test_paged_attention_decode_cuda_graph(dtype, num_parts):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run()
-    for contexts in ([1, 17, 1000, 4097], [4097, 2049, 256, 15], [16, 1, 255, 33]):
+    for contexts in ([1, 17, 1000, 4097], [4097, 2049, 256, 15], [16, 1, 255, 33], [2049, 300, 1, 1]):
+        contexts = contexts[:bsz]
         load(contexts)
         graph.replay()
         torch.cuda.synchronize()
