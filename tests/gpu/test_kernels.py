@@ -247,15 +247,15 @@ def test_paged_attention_decode(dtype, head_dim, group, mode):
                                                        (128, 32, 16)])
 def test_paged_attention_decode_single_sequence(dtype, head_dim, group, block_size, split_merge):
     # Batch 1 is where a split merges in a cluster: every context of CONTEXTS, split
-    # by the heuristic (graph bound 2048 or 8192), into 2, 3, 5 or 8 partitions.
+    # by the heuristic (graph bound 2048, or the context, or 8192), into 2, 3, 5 or 8 partitions.
     hk = 2
     for ctx in CONTEXTS:
         kc, vc, bt = make_paged_kv([ctx], hk, head_dim, dtype, block_size=block_size)
         ctx_lens = torch.tensor([ctx], dtype=torch.int32, device=DEV)
         q = torch.randn(1, hk * group, head_dim, device=DEV).to(dtype)
         want = decode_reference(q, kc, vc, bt, ctx_lens, 0.1)
-        for kwargs in ({"max_context_len": 2048}, {"max_context_len": 8192}, {"num_parts": 2}, {"num_parts": 3},
-                       {"num_parts": 5}, {"num_parts": 8}):
+        bounds = [{"max_context_len": max(ctx, 2048)}, {"max_context_len": 8192}]
+        for kwargs in bounds + [{"num_parts": n} for n in (2, 3, 5, 8)]:
             out = K.paged_attention_decode(q, kc, vc, bt, ctx_lens, 0.1, **kwargs)
             check(out, want, dtype, f"ctx {ctx} {kwargs}")
 
