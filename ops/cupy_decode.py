@@ -57,7 +57,7 @@ def _launch_gemv(y, x, weight, bias, norm_weight, eps, ymode, pairs, residual=No
     xnorm = "true" if norm_weight is not None else "false"
     expr = f"decode_gemv_kernel<{_CTYPE[x.dtype]}, {m}, {xnorm}, {ymode}, {UNROLL}>"
     smem = m * k * x.element_size() if norm_weight is not None else 0  # the staged normed rows
-    fn = _kernel("activation.cu+decode_gemv.cu", expr, dev, smem)
+    fn = _kernel("decode_gemv.cu", expr, dev, smem)
     ptr = lambda t: _p(t) if t is not None else _NULL
     extra = qkv or (_NULL, _NULL, _NULL, _NULL, _NULL, _i32(0), _i32(0), _i32(0), _i32(0), _i32(0))
     # Every warp gets the same number of pairs, the fewest the cap allows: a grid where some

@@ -1,8 +1,8 @@
 """Plumbing shared by the CuPy launchers (ops/cupy_ops.py, ops/cupy_attention.py,
-ops/cupy_all_reduce.py): NVRTC compilation of ops/*.cu through cupy.RawModule (one
-module per template instance and device, cached here and in CuPy's on-disk cache),
-launches on torch's current stream with raw device pointers, and the small checks
-every launcher makes."""
+ops/cupy_all_reduce.py): NVRTC compilation of ops/*.cu, each behind ops/dtypes.cu, through
+cupy.RawModule (one module per template instance and device, cached here and in CuPy's
+on-disk cache), launches on torch's current stream with raw device pointers, and the
+small checks every launcher makes."""
 from __future__ import annotations
 
 import threading
@@ -37,8 +37,9 @@ def _kernel(fname: str, expr: str, dev: int, smem: int = 0):
         with cp.cuda.Device(dev):
             if hit is None:
                 src = _sources.get(fname)
-                if src is None:  # "a.cu+b.cu": b.cu uses what a.cu defines
-                    src = _sources[fname] = "\n".join((_DIR / f).read_text() for f in fname.split("+"))
+                if src is None:  # "a.cu+b.cu": b.cu uses what a.cu defines; all use dtypes.cu
+                    src = _sources[fname] = "\n".join((_DIR / f).read_text()
+                                                      for f in ("dtypes.cu", *fname.split("+")))
                 mod = cp.RawModule(code=src, options=_OPTIONS, name_expressions=(expr,))
                 raw = mod.get_function(expr)
                 hit = (raw, raw.kernel, 48 * 1024)  # .kernel compiles and loads it on dev

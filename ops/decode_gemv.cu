@@ -1,10 +1,9 @@
 // Fused decode GEMVs for small batches (M <= 8 tokens) at TP=1: each weight GEMM of a
 // decoder layer with the element-wise work around it, as ops/reference.py's
-// norm_qkv_rope_cache, linear_add and norm_gate_up_silu define it (uses activation.cu's
-// dtype helpers). At a handful of rows a layer is a pass over its weights, and each of
-// the seven small kernels around its GEMMs (norms, RoPE, cache write, SiLU, split-K
-// reductions) costs ~2 us of launch and latency, a quarter of a 4096x4096 GEMV; here
-// they ride along with the GEMVs instead:
+// norm_qkv_rope_cache, linear_add and norm_gate_up_silu define it. At a handful of rows
+// a layer is a pass over its weights, and each of the seven small kernels around its
+// GEMMs (norms, RoPE, cache write, SiLU, split-K reductions) costs ~2 us of launch and
+// latency, a quarter of a 4096x4096 GEMV; here they ride along with the GEMVs instead:
 //   XNORM:  x is the residual stream; each CTA first stages the norm's output
 //           T(x * rsqrt(mean(x^2) + eps) * g) (rounded as stored) in shared memory;
 //   Y_ADD:  y = T(T(x W^T + b) + residual): the new residual stream;
