@@ -32,7 +32,8 @@
 // one (kv head, sequence) form a thread-block cluster and merge in distributed
 // shared memory, without the reduce kernel.
 //
-// Needs sm_80+ (cp.async, ldmatrix, bf16 mma). Built without any header:
+// Needs sm_80+ (cp.async, ldmatrix, bf16 mma), the cluster variant sm_90. Built
+// without any header (the dtypes come from ops/dtypes.cu, compiled in front):
 // conversions are bit operations and PTX, so NVRTC needs no include path.
 
 #define RAYTP_FULL_MASK 0xffffffffu
