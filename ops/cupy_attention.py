@@ -1,6 +1,7 @@
 """CuPy paged attention: decode (GQA-aware, split context + reduce for long contexts, or a
-cluster merge at batch 1 on sm_90; ops/paged_attention.cu) and prefill chunks over cached context (flash varlen or SDPA
-over the gathered K/V, ops/prefill_attention.py). Same API as ops/reference.py."""
+cluster merge at batch 1 on sm_90; ops/paged_attention.cu) and prefill chunks over cached
+context (flash varlen or SDPA over the gathered K/V, ops/prefill_attention.py). Same API
+as ops/reference.py."""
 from __future__ import annotations
 
 import math
@@ -156,16 +157,16 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
               _i32(group), _i32(n_sub), _i32(max_blocks), _i64(q_stride), _i32(pb),
               np.float32(scale * math.log2(math.e)))
     no_parts = (np.uint64(0),) * 3
-    plain = f"paged_attention_decode_kernel<{ct}, {d}, {bs}, {nw}, {st}>"
+    name = f"paged_attention_decode_kernel<{ct}, {d}, {bs}, {nw}, {st}>"
     cl = _cluster_size(parts, dev) if bsz == 1 and parts > 1 else 0
     if parts == 1 or cl:  # one kernel writes `out` (a cluster's padding partitions hold no context)
         if cl:
-            plain, smem = f"paged_attention_decode_cluster_kernel<{ct}, {d}, {bs}, {nw}, {st}, {cl}>", \
-                smem + (16 * d + 32) * 4
-        _launch(_kernel("paged_attention.cu", plain, dev, smem), dev, (hk * n_sub, bsz, max(1, cl)), (nw * 32,),
+            name = f"paged_attention_decode_cluster_kernel<{ct}, {d}, {bs}, {nw}, {st}, {cl}>"
+            smem += (16 * d + 32) * 4  # the CTA's partition result, read by its peers
+        _launch(_kernel("paged_attention.cu", name, dev, smem), dev, (hk * n_sub, bsz, max(1, cl)), (nw * 32,),
                 (_p(out), *no_parts, *shared), smem)
         return out
-    k = _kernel("paged_attention.cu", plain, dev, smem)
+    k = _kernel("paged_attention.cu", name, dev, smem)
     part_out = torch.empty((bsz, hq, parts, d), dtype=torch.float32, device=query.device)
     part_ms = torch.empty((2, bsz, hq, parts), dtype=torch.float32, device=query.device)
     _launch(k, dev, (hk * n_sub, bsz, parts), (nw * 32,),
