@@ -11,8 +11,8 @@ import torch
 
 from ops import reference
 from ops.prefill_attention import flash_available, flash_varlen_prefill, sdpa_per_sequence
-from ops.cupy_runtime import (_CTYPE, _HALF, _aligned, _capability_ok, _check_device, _dev, _i32, _i64,
-                               _kernel, _launch, _p, _sm_count)
+from ops.cupy_runtime import (_CTYPE, _HALF, _aligned, _capability, _capability_ok, _check_device, _dev, _i32,
+                               _i64, _kernel, _launch, _p, _sm_count)
 
 # Decode kernel configuration (warps per CTA, cp.async pipeline stages per warp).
 # The K1 benchmark sweeps these (see benchmarks/k1_paged_attention.py).
@@ -181,7 +181,7 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 def _cluster_size(parts: int, dev: int) -> int:
     """The cluster that merges `parts` partitions (a power of two, at most 8), or 0: the
     reduce kernel merges them."""
-    if not CLUSTER_MERGE or parts > 8 or torch.cuda.get_device_capability(dev) < (9, 0):
+    if not CLUSTER_MERGE or parts > 8 or _capability(dev) < (9, 0):
         return 0
     return 1 << (parts - 1).bit_length()
 

@@ -21,7 +21,7 @@ _lock = threading.Lock()
 _sources: dict[str, str] = {}  # "a.cu+b.cu": the files, concatenated
 _kernels: dict[tuple, object] = {}
 _sm_counts: dict[int, int] = {}
-_capable: dict[int, bool] = {}
+_capabilities: dict[int, tuple[int, int]] = {}
 
 
 def _kernel(fname: str, expr: str, dev: int, smem: int = 0):
@@ -102,11 +102,16 @@ def _sm_count(dev: int) -> int:
     return n
 
 
+def _capability(dev: int) -> tuple[int, int]:
+    """dev's compute capability, asked once (launchers check it on every call)."""
+    cap = _capabilities.get(dev)
+    if cap is None:
+        cap = _capabilities[dev] = torch.cuda.get_device_capability(dev)
+    return cap
+
+
 def _capability_ok(dev: int) -> bool:
-    ok = _capable.get(dev)
-    if ok is None:
-        ok = _capable[dev] = torch.cuda.get_device_capability(dev) >= (8, 0)
-    return ok
+    return _capability(dev) >= (8, 0)
 
 
 def _round32(n: int, cap: int) -> int:
