@@ -225,7 +225,7 @@ def run(args) -> tuple[dict, list[dict]]:
             main = results[0]
             t = main["us"] / 1e6
             auto_parts = K.decode_partitions(args.batch, args.kv_heads, inp.group, ctx,
-                                             args.block_size, info["sm_count"])[0]
+                                             args.block_size, info["sm_count"])
             out = K.paged_attention_decode(inp.q[0], inp.kc, inp.vc, inp.bt[0], inp.ctx_lens,
                                            inp.scale, max_context_len=ctx)
             want = ref.paged_attention_decode(inp.q[0].float(), inp.kc, inp.vc, inp.bt[0],
@@ -312,7 +312,7 @@ def split_check(args, dtype, K, info) -> list[dict]:
         kv_bytes = b * ctx * args.kv_heads * args.head_dim * 4
         res = {"batch": b, "context": ctx,
                "auto_parts": K.decode_partitions(b, args.kv_heads, inp.group, ctx, args.block_size,
-                                                 info["sm_count"])[0]}
+                                                 info["sm_count"])}
         variants = [("auto", None), ("unsplit", 1)]
         if args.sweep:  # forced partition counts, to tune the heuristic
             variants += [(f"parts{n}", n) for n in (2, 3, 4, 5, 6, 8, 10, 16) if n * 64 <= ctx]

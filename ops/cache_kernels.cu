@@ -18,6 +18,7 @@ reshape_and_cache_kernel(
     const long long* __restrict__ slot_mapping,  // [T]
     long long key_stride, long long value_stride,
     int num_kv_heads, int block_size, int words_per_head) {
+  pdl_trigger();  // the decode attention after it starts reading the rest of the cache meanwhile
   const int t = blockIdx.x;
   const long long slot = slot_mapping[t];
   if (slot < 0) return;

@@ -22,7 +22,9 @@ DECODE_STAGES = 3
 # than SPLIT_BELOW_CTAS_PER_SM per SM (one CTA streams ~50 GB/s on an H100, so
 # ~SMs/2 CTAs already come close to the memory bandwidth), into about
 # SPLIT_TARGET_CTAS_PER_SM CTAs per SM, each partition at least
-# MIN_PARTITION_TOKENS long. Measured on an H100 (benchmarks/k1_paged_attention.py
+# MIN_PARTITION_TOKENS long at the bound max_context_len (a shorter context is cut
+# into as many, shorter partitions: the kernel splits each sequence's own context).
+# Measured on an H100 (benchmarks/k1_paged_attention.py
 # --sweep, split check): B=1 ctx 4096 2.9x faster with 16 parts than unsplit,
 # B=4 ctx 8192 1.6x with 4 parts; 96+ CTAs unsplit beat every split.
 SPLIT_BELOW_CTAS_PER_SM = 0.5
@@ -34,6 +36,7 @@ MIN_PARTITION_TOKENS = 256
 # group 4, 2048-token graph bound): batch 1 at context 576 0.247 -> 0.211 ms, at 1500
 # 0.261 -> 0.228; batch 4 at 576 0.345 -> 0.361, so batches above 1 keep the reduce kernel.
 CLUSTER_MERGE = True
+_SOURCE = "warp_ptx.cu+paged_attention.cu"  # the kernels, behind their PTX wrappers
 
 
 def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
@@ -96,27 +99,27 @@ def _check_attention(query, key_cache, value_cache, block_tables, context_lens) 
 
 
 def decode_partitions(batch: int, num_kv_heads: int, group: int, max_context_len: int,
-                      block_size: int, num_sms: int) -> tuple[int, int]:
-    """(num_parts, partition_blocks) of the decode grid: split the context only
-    when the unsplit grid is too small to fill the GPU."""
-    max_blocks_needed = max(1, -(-max_context_len // block_size))
+                      block_size: int, num_sms: int) -> int:
+    """Context partitions of the decode grid: split only when the unsplit grid is too
+    small to fill the GPU. The kernel cuts each sequence's own context into that many
+    (ops/paged_attention.cu), so a bound far above the contexts costs only empty CTAs."""
     base = batch * num_kv_heads * -(-group // 16)
     if base >= SPLIT_BELOW_CTAS_PER_SM * num_sms or max_context_len < 2 * MIN_PARTITION_TOKENS:
-        return 1, max_blocks_needed
+        return 1
     parts = max(2, int(SPLIT_TARGET_CTAS_PER_SM * num_sms / base + 0.5))
-    parts = min(parts, max_context_len // MIN_PARTITION_TOKENS)
-    pb = -(-max_blocks_needed // parts)
-    return -(-max_blocks_needed // pb), pb
+    return min(parts, max_context_len // MIN_PARTITION_TOKENS, -(-max_context_len // block_size))
 
 
 def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float, max_context_len: int | None = None,
-                           num_parts: int | None = None) -> torch.Tensor:
+                           enable_pdl: bool = False, num_parts: int | None = None) -> torch.Tensor:
     """Decode only: query [B, Hq, D], one token per sequence -> [B, Hq, D].
 
     max_context_len is an upper bound on context_lens (it sizes the split grid;
     a CUDA graph passes max_model_len); None computes it (one host sync).
+    enable_pdl (see ops/reference.py): on sm_90 the kernel reads the rest of the cache
+    while the kernel before it (qkv, which triggers early) finishes.
     num_parts (tests, benchmarks) forces the number of context partitions.
     """
     _check_attention(query, key_cache, value_cache, block_tables, context_lens)
@@ -145,17 +148,14 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
     n_sub = -(-group // 16)
     dev = _dev(query)
     if num_parts is None:
-        parts, pb = decode_partitions(bsz, hk, group, max_context_len, bs, _sm_count(dev))
+        parts = decode_partitions(bsz, hk, group, max_context_len, bs, _sm_count(dev))
     else:
-        need = max(1, -(-max_context_len // bs))
-        pb = -(-need // max(1, num_parts))
-        parts = -(-need // pb)
+        parts = max(1, min(num_parts, -(-max_context_len // bs)))
     nw, st = DECODE_NUM_WARPS, DECODE_STAGES
     smem = max(nw * st * 2 * 16 * d * 2, nw * 16 * (d + 4) * 4 + nw * 16 * 2 * 4)
     ct = _CTYPE[query.dtype]
     shared = (_p(query), _p(key_cache), _p(value_cache), _p(block_tables), _p(context_lens), _i32(hk),
-              _i32(group), _i32(n_sub), _i32(max_blocks), _i64(q_stride), _i32(pb),
-              np.float32(scale * math.log2(math.e)))
+              _i32(group), _i32(n_sub), _i32(max_blocks), _i64(q_stride), np.float32(scale * math.log2(math.e)))
     no_parts = (np.uint64(0),) * 3
     name = f"paged_attention_decode_kernel<{ct}, {d}, {bs}, {nw}, {st}>"
     cl = _cluster_size(parts, dev) if bsz == 1 and parts > 1 else 0
@@ -163,18 +163,18 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
         if cl:
             name = f"paged_attention_decode_cluster_kernel<{ct}, {d}, {bs}, {nw}, {st}, {cl}>"
             smem += (16 * d + 32) * 4  # the CTA's partition result, read by its peers
-        _launch(_kernel("paged_attention.cu", name, dev, smem), dev, (hk * n_sub, bsz, max(1, cl)), (nw * 32,),
-                (_p(out), *no_parts, *shared), smem)
+        _launch(_kernel(_SOURCE, name, dev, smem), dev, (hk * n_sub, bsz, max(1, cl)), (nw * 32,),
+                (_p(out), *no_parts, *shared), smem, pdl=enable_pdl)
         return out
-    k = _kernel("paged_attention.cu", name, dev, smem)
+    k = _kernel(_SOURCE, name, dev, smem)
     part_out = torch.empty((bsz, hq, parts, d), dtype=torch.float32, device=query.device)
     part_ms = torch.empty((2, bsz, hq, parts), dtype=torch.float32, device=query.device)
     _launch(k, dev, (hk * n_sub, bsz, parts), (nw * 32,),
-            (_p(out), _p(part_out), _p(part_ms[0]), _p(part_ms[1]), *shared), smem)
-    r = _kernel("paged_attention.cu", f"paged_attention_reduce_kernel<{ct}, {d}>", dev, parts * 4)
+            (_p(out), _p(part_out), _p(part_ms[0]), _p(part_ms[1]), *shared), smem, pdl=enable_pdl)
+    r = _kernel(_SOURCE, f"paged_attention_reduce_kernel<{ct}, {d}>", dev, parts * 4)
     _launch(r, dev, (hq, bsz), (128,),
             (_p(out), _p(part_out), _p(part_ms[0]), _p(part_ms[1]), _p(context_lens),
-             _i32(parts), _i32(pb * bs), _i32(max_blocks * bs)), parts * 4)
+             _i32(parts), _i32(bs), _i32(max_blocks * bs)), parts * 4)
     return out
 
 

@@ -5,6 +5,8 @@ on-disk cache), launches on torch's current stream with raw device pointers, and
 small checks every launcher makes."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 from pathlib import Path
 
@@ -69,14 +71,61 @@ def _current_stream(dev: int) -> _StreamRef:
     return _StreamRef(torch.cuda.current_stream(dev).cuda_stream)
 
 
-def _launch(fn, dev: int, grid: tuple, block: tuple, args: tuple, smem: int = 0) -> None:
-    """Launch on torch's current stream: one cuLaunchKernel, nothing else on the GPU."""
+def _launch(fn, dev: int, grid: tuple, block: tuple, args: tuple, smem: int = 0, pdl: bool = False) -> None:
+    """Launch on torch's current stream: one cuLaunchKernel, nothing else on the GPU.
+    pdl (sm_90): a programmatic dependent launch; see _launch_dependent."""
     stream = _current_stream(dev)
+    if pdl and _capability(dev) >= (9, 0):
+        _launch_dependent(fn, dev, grid, block, args, smem, stream.ptr)
+        return
     if torch.cuda.current_device() == dev:
         fn(grid, block, args, smem, stream)
     else:
         with cp.cuda.Device(dev):
             fn(grid, block, args, smem, stream)
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_C_ARG = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+          np.float32: ctypes.c_float}
+
+
+@functools.cache
+def _cu_launch_kernel_ex():
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    fn.argtypes = (ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+    return fn
+
+
+def _launch_dependent(fn, dev: int, grid: tuple, block: tuple, args: tuple, smem: int, stream: int) -> None:
+    """cuLaunchKernelEx with programmatic stream serialization: the kernel may start as soon
+    as every CTA of the kernel before it on the stream has passed pdl_trigger() (or exited),
+    and must pdl_wait() before it reads what that kernel writes (ops/dtypes.cu). CuPy has
+    no launch with attributes, hence the driver call through ctypes."""
+    values = [_C_ARG[type(a)](a) for a in args]
+    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    pad = lambda t: (ctypes.c_uint * 3)(*t, *(1,) * (3 - len(t)))
+    config = _LaunchConfig(pad(grid), pad(block), smem, stream, ctypes.pointer(attr), 1)
+    launch = lambda: _cu_launch_kernel_ex()(ctypes.byref(config), fn.ptr, params, None)
+    if torch.cuda.current_device() == dev:
+        rc = launch()
+    else:
+        with cp.cuda.Device(dev):
+            rc = launch()
+    if rc != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {rc}")
 
 
 def _p(t: torch.Tensor) -> np.uint64:

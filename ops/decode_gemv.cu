@@ -135,6 +135,7 @@ __device__ __forceinline__ int pair_row(int g, int period, int stride) { return 
 // hides. The staging is paid once per CTA, not once per four pairs.
 template <typename T, int M, bool XNORM, int YMODE, int UNROLL>
 __global__ void __launch_bounds__(128) decode_gemv_kernel(DECODE_GEMV_PARAMS) {
+  pdl_trigger();  // the decode attention after qkv starts reading the cache meanwhile
   extern __shared__ uint4 xs[];  // XNORM: [M][K / 8], the normed rows
   const int lane = threadIdx.x & 31;
   const int kv = K >> 3;  // 16-byte vectors per row

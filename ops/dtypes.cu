@@ -1,5 +1,6 @@
-// The 2-byte model dtypes and their conversions, shared by every kernel source: ops/cupy_runtime.py
-// compiles each .cu with this file in front (NVRTC gets no include path, so no cuda_bf16.h).
+// The 2-byte model dtypes and their conversions, and the programmatic-dependent-launch controls,
+// shared by every kernel source: ops/cupy_runtime.py compiles each .cu with this file in front
+// (NVRTC gets no include path, so no cuda_bf16.h).
 
 // 2-byte model dtypes as plain bit containers.
 struct bf16_t { unsigned short bits; };
@@ -61,4 +62,20 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
   u.z = DT<T>::from_float(f[4]) | ((unsigned int)DT<T>::from_float(f[5]) << 16);
   u.w = DT<T>::from_float(f[6]) | ((unsigned int)DT<T>::from_float(f[7]) << 16);
   return u;
+}
+
+// Programmatic dependent launch (ops/cupy_runtime.py, _launch_dependent): a kernel launched
+// with it may start while the kernel before it runs, and must pass pdl_wait() before it
+// reads anything that kernel writes (reading it with __ldcg: nothing stale from L1);
+// pdl_trigger() lets the next kernel, if launched so, start. No-ops before sm_90 and for
+// kernels launched the ordinary way.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
 }

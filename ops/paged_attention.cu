@@ -23,8 +23,11 @@
 // through shared memory at the end.
 //
 // Unsplit (gridDim.z == 1): the CTA writes the normalised output.
-// Split (flash decoding, gridDim.z > 1): partition p covers blocks
-// [p * partition_blocks, (p + 1) * partition_blocks); it writes (max, sum,
+// Split (flash decoding, gridDim.z > 1): a sequence of n blocks is cut into
+// partitions of pb = ceil(n / gridDim.z) blocks, per sequence and at run time
+// (partition_blocks below), so a CUDA graph whose grid is sized for
+// max_model_len still spreads a short context over all its partitions;
+// partition p covers blocks [p * pb, (p + 1) * pb) and writes (max, sum,
 // normalised partial out) in float32 and paged_attention_reduce_kernel merges
 // the partitions. Partitions past a sequence's context return at once (a CUDA
 // graph sizes the grid for max_model_len); the reduce reads only valid ones.
@@ -32,93 +35,32 @@
 // one (kv head, sequence) form a thread-block cluster and merge in distributed
 // shared memory, without the reduce kernel.
 //
+// Programmatic dependent launch (sm_90, enable_pdl in ops/cupy_attention.py): in a decode
+// step the kernel before this one (qkv) writes only q and each sequence's newest K/V. The
+// kernel starts while it runs, issues its first tiles without the newest position, then
+// pdl_wait()s, and loads that row and q (copy_row, the Q fragments) after the wait: at
+// batch 1 most of the cache read hides behind the qkv GEMV.
+//
 // Needs sm_80+ (cp.async, ldmatrix, bf16 mma), the cluster variant sm_90. Built
-// without any header (the dtypes come from ops/dtypes.cu, compiled in front):
+// without any header (ops/dtypes.cu and ops/warp_ptx.cu are compiled in front):
 // conversions are bit operations and PTX, so NVRTC needs no include path.
 
-#define RAYTP_FULL_MASK 0xffffffffu
-#define RAYTP_NEG_INF (__int_as_float(0xff800000))
-
-// m16n8k16 MMA with float32 accumulators, and float pairs -> packed 2 x 16 bits.
-template <typename T> struct MMA;
-template <> struct MMA<bf16_t> {
-  static __device__ __forceinline__ void run(float c[4], const unsigned int a[4],
-                                             unsigned int b0, unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // lo goes to the low 16 bits (the lower column index), hi to the high 16 bits.
-  static __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
-    unsigned int r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-  }
-};
-template <> struct MMA<fp16_t> {
-  static __device__ __forceinline__ void run(float c[4], const unsigned int a[4],
-                                             unsigned int b0, unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
-    unsigned int r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-  }
-};
-
-__device__ __forceinline__ unsigned int smem_u32(const void* p) {
-  unsigned int a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
-  return a;
+// Row r of a K tile (at kp) and a V tile (at vp) into their stage (at s_k, V tile_bytes
+// after it, rows swizzled as the cp.async copies place them), by plain loads through L2:
+// the newest position, which the kernel before this one may have written.
+template <int HEAD_DIM, typename T>
+__device__ __forceinline__ void copy_row(unsigned int s_k, int tile_bytes, const T* kp, const T* vp, int r, int lane) {
+  constexpr int COLS = HEAD_DIM / 8;  // 16-byte columns per row
+  if (lane >= COLS) return;
+  const unsigned int soff = (unsigned int)(r * HEAD_DIM * 2 + ((lane ^ (r & 7)) << 4));
+  st_shared16(s_k + soff, __ldcg(reinterpret_cast<const uint4*>(kp + r * HEAD_DIM) + lane));
+  st_shared16(s_k + tile_bytes + soff, __ldcg(reinterpret_cast<const uint4*>(vp + r * HEAD_DIM) + lane));
 }
 
-// 16-byte global -> shared copy; src_bytes == 0 writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async16(unsigned int smem_addr, const void* gptr, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               ::"r"(smem_addr), "l"(gptr), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4(unsigned int addr, unsigned int& r0, unsigned int& r1,
-                                            unsigned int& r2, unsigned int& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int addr, unsigned int& r0, unsigned int& r1,
-                                                  unsigned int& r2, unsigned int& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
-}
-
-// Cluster helpers (sm_90): this CTA's rank in its cluster, a barrier over the whole
-// cluster (release/acquire: shared-memory writes before it are seen by peers after it),
-// and a float read from the shared memory of cluster peer `rank` at this CTA's address p.
-__device__ __forceinline__ unsigned int cluster_rank() {
-  unsigned int r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-__device__ __forceinline__ float ld_peer(const float* p, unsigned int rank) {
-  unsigned int a;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_u32(p)), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
-  return v;
+// Blocks per partition when n_blocks are split into num_parts (at least 1, so that the
+// number of partitions holding context, ceil(n_blocks / pb), is defined for n_blocks 0).
+__device__ __forceinline__ int partition_blocks_of(int n_blocks, int num_parts) {
+  return max(1, (n_blocks + num_parts - 1) / num_parts);
 }
 
 #define PAGED_DECODE_PARAMS                                                                        \
@@ -131,8 +73,7 @@ __device__ __forceinline__ float ld_peer(const float* p, unsigned int rank) {
       const T *__restrict__ value_cache,   /* [NB, Hk, BS, D] */                                   \
       const int *__restrict__ block_tables, /* [B, max_blocks] */                                  \
       const int *__restrict__ context_lens, /* [B] */                                              \
-      int num_kv_heads, int group, int n_sub, int max_blocks, long long q_stride, int partition_blocks, \
-      float scale_log2
+      int num_kv_heads, int group, int n_sub, int max_blocks, long long q_stride, float scale_log2
 
 // Shared memory the launcher must provide (bytes):
 //   max(NUM_WARPS * STAGES * 2 * 16 * HEAD_DIM * 2,                  (pipeline)
@@ -176,6 +117,7 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
 
   const int ctx = min(context_lens[b], max_blocks * BLOCK_SIZE);
   const int n_blocks = (ctx + BLOCK_SIZE - 1) / BLOCK_SIZE;
+  const int partition_blocks = partition_blocks_of(n_blocks, num_parts);
   const int blk_begin = part * partition_blocks;
   // A partition past the context: the reduce skips it; a cluster's CTA stays for the
   // barriers, with no tiles (its result: max -inf, sum 0, weight 0 in the merge).
@@ -186,22 +128,6 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
   const int t_end = max(t_begin, min(blk_end * TPB, (ctx + TILE - 1) / TILE));
   const int my_first = t_begin + warp;
   const int n_k = my_first < t_end ? (t_end - my_first + NUM_WARPS - 1) / NUM_WARPS : 0;
-
-  // Q as MMA A fragments: qa[ks] = rows (gid, gid + 8), dims ks*16 + 2*tig (+1, +8, +9).
-  unsigned int qa[KSTEPS][4];
-  {
-    const T* qb = query + (long long)b * q_stride + (long long)h0 * HEAD_DIM + 2 * tig;
-    const bool r0 = gid < nrows, r1 = gid + 8 < nrows;
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
-      const T* p0 = qb + gid * HEAD_DIM + ks * 16;
-      const T* p1 = p0 + 8 * HEAD_DIM;
-      qa[ks][0] = r0 ? *reinterpret_cast<const unsigned int*>(p0) : 0u;
-      qa[ks][1] = r1 ? *reinterpret_cast<const unsigned int*>(p1) : 0u;
-      qa[ks][2] = r0 ? *reinterpret_cast<const unsigned int*>(p0 + 8) : 0u;
-      qa[ks][3] = r1 ? *reinterpret_cast<const unsigned int*>(p1 + 8) : 0u;
-    }
-  }
 
   // o[n]: rows (gid, gid + 8) x dims n*8 + 2*tig (+1); m/l for rows gid (0) and gid + 8 (1).
   float o[NT][4];
@@ -215,7 +141,9 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
   const long long block_stride = (long long)num_kv_heads * BLOCK_SIZE * HEAD_DIM;
 
   int bt_reg = 0;  // lane j: physical block of this warp's tile (k & ~31) + j
-  auto issue = [&](int k) {
+  // Copies tile k into its stage. Before pdl_wait the newest position (ctx - 1), whose K/V
+  // the kernel before this one writes, is left out: it is loaded after the wait.
+  auto issue = [&](int k, bool before_wait) {
     if ((k & 31) == 0) {
       const int kk = k + lane;
       bt_reg = kk < n_k ? bt_row[(my_first + kk * NUM_WARPS) / TPB] : 0;
@@ -233,6 +161,7 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
       const int p = lane + 32 * i;
       const int r = p / COLS, c = p % COLS;
       const unsigned int soff = (unsigned int)(r * ROW_BYTES + ((c ^ (r & 7)) << 4));
+      if (before_wait && tok0 + r == ctx - 1) continue;
       const int nbytes = tok0 + r < ctx ? 16 : 0;
       cp_async16(s_k + soff, kp + r * HEAD_DIM + c * 8, nbytes);
       cp_async16(s_k + TILE_BYTES + soff, vp + r * HEAD_DIM + c * 8, nbytes);
@@ -241,8 +170,33 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_k) issue(s);
+    if (s < n_k) issue(s, true);
     cp_async_commit();
+  }
+  // Everything above reads only what earlier steps wrote (the cache but for the newest
+  // position, block tables, context lengths); q and the newest K/V come after the wait.
+  pdl_wait();
+  const int t_new = (ctx - 1) / TILE, k_new = (t_new - my_first) / NUM_WARPS;
+  if (ctx > 0 && t_new >= my_first && (t_new - my_first) % NUM_WARPS == 0 && k_new < min(n_k, STAGES - 1)) {
+    const long long g_off = (long long)bt_row[t_new / TPB] * block_stride + head_off +
+                            (long long)(t_new % TPB) * (TILE * HEAD_DIM);
+    copy_row<HEAD_DIM>(wbuf + (unsigned int)((k_new % STAGES) * STAGE_BYTES), TILE_BYTES, key_cache + g_off,
+                       value_cache + g_off, (ctx - 1) % TILE, lane);
+  }
+  // Q as MMA A fragments: qa[ks] = rows (gid, gid + 8), dims ks*16 + 2*tig (+1, +8, +9).
+  unsigned int qa[KSTEPS][4];
+  {
+    const T* qb = query + (long long)b * q_stride + (long long)h0 * HEAD_DIM + 2 * tig;
+    const bool r0 = gid < nrows, r1 = gid + 8 < nrows;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      const T* p0 = qb + gid * HEAD_DIM + ks * 16;
+      const T* p1 = p0 + 8 * HEAD_DIM;
+      qa[ks][0] = r0 ? __ldcg(reinterpret_cast<const unsigned int*>(p0)) : 0u;
+      qa[ks][1] = r1 ? __ldcg(reinterpret_cast<const unsigned int*>(p1)) : 0u;
+      qa[ks][2] = r0 ? __ldcg(reinterpret_cast<const unsigned int*>(p0 + 8)) : 0u;
+      qa[ks][3] = r1 ? __ldcg(reinterpret_cast<const unsigned int*>(p1 + 8)) : 0u;
+    }
   }
 
   for (int k = 0; k < n_k; ++k) {
@@ -325,7 +279,7 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
     }
 
     __syncwarp();  // every lane is done with this stage before it is refilled
-    if (k + STAGES - 1 < n_k) issue(k + STAGES - 1);
+    if (k + STAGES - 1 < n_k) issue(k + STAGES - 1, false);
     cp_async_commit();
   }
   cp_async_wait<0>();
@@ -424,7 +378,7 @@ template <typename T, int HEAD_DIM, int BLOCK_SIZE, int NUM_WARPS, int STAGES>
 __global__ void __launch_bounds__(NUM_WARPS * 32) paged_attention_decode_kernel(PAGED_DECODE_PARAMS) {
   paged_attention_decode<T, HEAD_DIM, BLOCK_SIZE, NUM_WARPS, STAGES, false>(
       out, part_out, part_max, part_sum, query, key_cache, value_cache, block_tables, context_lens, num_kv_heads,
-      group, n_sub, max_blocks, q_stride, partition_blocks, scale_log2);
+      group, n_sub, max_blocks, q_stride, scale_log2);
 }
 
 // Grid (num_kv_heads * n_sub, B, CL): the CL partitions of a (kv head, sequence) are one cluster.
@@ -433,11 +387,11 @@ __global__ void __cluster_dims__(1, 1, CL) __launch_bounds__(NUM_WARPS * 32)
     paged_attention_decode_cluster_kernel(PAGED_DECODE_PARAMS) {
   paged_attention_decode<T, HEAD_DIM, BLOCK_SIZE, NUM_WARPS, STAGES, true>(
       out, part_out, part_max, part_sum, query, key_cache, value_cache, block_tables, context_lens, num_kv_heads,
-      group, n_sub, max_blocks, q_stride, partition_blocks, scale_log2);
+      group, n_sub, max_blocks, q_stride, scale_log2);
 }
 
 // Merges the partitions of the split kernel. Grid (Hq, B), 128 threads;
-// dynamic shared memory: num_parts floats. max_tokens = max_blocks * BLOCK_SIZE
+// dynamic shared memory: num_parts floats. max_tokens = max_blocks * block_size
 // (the decode kernel clamps contexts to it too).
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(128)
@@ -447,13 +401,15 @@ paged_attention_reduce_kernel(
     const float* __restrict__ part_max,    // [B, Hq, P]
     const float* __restrict__ part_sum,    // [B, Hq, P]
     const int* __restrict__ context_lens,  // [B]
-    int num_parts, int partition_tokens, int max_tokens) {
+    int num_parts, int block_size, int max_tokens) {
   extern __shared__ float sm_w[];
   const int h = blockIdx.x;
   const int b = blockIdx.y;
   const int num_heads = gridDim.x;
   const int ctx = min(context_lens[b], max_tokens);
-  const int n_p = min(num_parts, (ctx + partition_tokens - 1) / partition_tokens);
+  const int n_blocks = (ctx + block_size - 1) / block_size;
+  const int pb = partition_blocks_of(n_blocks, num_parts);
+  const int n_p = (n_blocks + pb - 1) / pb;  // the partitions holding context
   const long long base = ((long long)b * num_heads + h) * num_parts;
 
   float M = RAYTP_NEG_INF;

@@ -230,11 +230,15 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float, max_context_len: int | None = None) -> torch.Tensor:
+                           scale: float, max_context_len: int | None = None,
+                           enable_pdl: bool = False) -> torch.Tensor:
     """Decode only: query [B, Hq, D], one token per sequence -> [B, Hq, D].
 
     max_context_len is an upper bound on context_lens (kernels size their split grid
-    from it; a CUDA graph passes max_model_len). None means "compute it"."""
+    from it; a CUDA graph passes max_model_len). None means "compute it".
+    enable_pdl: the work queued just before this wrote, of what it reads, only query and
+    each sequence's newest K/V (position context_lens - 1), as a decode step's qkv does;
+    the kernel then starts before that work ends (a launch hint: no effect here)."""
     query_start_loc = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
     return paged_attention(query, key_cache, value_cache, block_tables, query_start_loc,
                            context_lens, scale)

@@ -72,8 +72,11 @@ class Attention(nn.Module):
         ops = ops_for(q)
         nd = meta.num_decodes
         if nd == meta.num_seqs:  # decode-only step (the CUDA-graph case)
+            # Only q and each sequence's newest K/V were written since the last layer's
+            # attention: the kernel may start on the rest while they are computed.
             return ops.paged_attention_decode(q, key_cache, value_cache, meta.block_tables,
-                                              meta.context_lens, self.scale, meta.max_context_len)
+                                              meta.context_lens, self.scale, meta.max_context_len,
+                                              enable_pdl=True)
         if nd == 0:
             return self._prefill(ops, q, key_cache, value_cache, meta)
         # Mixed step: decode rows [0, nd) through the decode kernel, prefill chunks after.

@@ -4,7 +4,8 @@ Fresh random bf16/fp16 inputs for every batch the kernels take (1..8 tokens), GQ
 1/4/8, head dims 64/128, with and without q/k/v bias, padding slots (-1); the reference is
 ops/reference.py's composition in float32 on the upcast inputs. Outputs land on NaN-poisoned
 memory and the caches hold NaN outside the slots a step writes, so an unwritten element or a
-stray write fails. Then the fused model path against the unfused one, eager and in a CUDA graph.
+stray write fails. Then the fused model path against the unfused one, eager and in a CUDA graph,
+and the decode attention started during the qkv GEMV (enable_pdl) against it started after.
 
 Run on a GPU machine: python3 -m pytest -m gpu tests/gpu/test_decode_fusion.py
 """
@@ -119,3 +120,48 @@ def test_inside_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, F.linear_add(x, w, None, res), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contexts,num_parts", [([600], None), ([1], None), ([17, 4097, 300, 33], None),
+                                                ([4097], 1), ([1000, 31], 1)])
+@pytest.mark.parametrize("graph", [False, True])
+def test_attention_starts_during_qkv(dtype, contexts, num_parts, graph):
+    # enable_pdl: the decode attention reads the cache while the qkv GEMV before it still
+    # runs and writes q and each sequence's newest K/V, whose slots hold NaN until then.
+    # Against the same kernel launched after qkv ends: bit-identical, rounds and replays over.
+    torch.manual_seed(len(contexts) + contexts[0])
+    from ops import cupy_attention as A
+    m, hq, hk, d, bs, hidden = len(contexts), 32, 8, 128, 16, 4096
+    per_seq = -(-max(contexts) // bs)
+    bt = torch.arange(m * per_seq, dtype=torch.int32, device=DEV).view(m, per_seq)
+    kc = _rand(m * per_seq, hk, bs, d, dtype=dtype)
+    vc = _rand(m * per_seq, hk, bs, d, dtype=dtype)
+    ctx = torch.tensor(contexts, dtype=torch.int32, device=DEV)
+    positions = (ctx - 1).long()
+    slots = bt[torch.arange(m, device=DEV), positions // bs].long() * bs + positions % bs
+    x, g = _rand(m, hidden, dtype=dtype), torch.ones(hidden, dtype=dtype, device=DEV)
+    w = _rand((hq + 2 * hk) * d, hidden, dtype=dtype, scale=hidden ** -0.5)
+    cos_sin = ref.rope_cos_sin_cache(d, 8192, 500000.0, None).to(DEV)
+
+    blk, off, nan = slots // bs, slots % bs, torch.tensor(float("nan"), dtype=dtype, device=DEV)
+
+    def step(pdl: bool) -> torch.Tensor:
+        kc[blk, :, off] = nan  # (a device value: capturable)
+        vc[blk, :, off] = nan
+        q = F.norm_qkv_rope_cache(x, g, 1e-5, w, None, positions, cos_sin, kc, vc, slots, hq, hk)
+        return A.paged_attention_decode(q, kc, vc, bt, ctx, d ** -0.5, max_context_len=8192, enable_pdl=pdl,
+                                        num_parts=num_parts)
+
+    want = step(False).clone()
+    assert torch.isfinite(want).all()
+    run = lambda: step(True)
+    if graph:
+        step(True)  # compiled outside the capture
+        torch.cuda.synchronize()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            out = step(True)
+        run = lambda: (cuda_graph.replay(), out)[1]
+    for _ in range(5):
+        torch.testing.assert_close(run(), want, rtol=0, atol=0)
