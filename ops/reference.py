@@ -236,9 +236,9 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
     max_context_len is an upper bound on context_lens (kernels size their split grid
     from it; a CUDA graph passes max_model_len). None means "compute it".
-    enable_pdl: the work queued just before this wrote, of what it reads, only query and
-    each sequence's newest K/V (position context_lens - 1), as a decode step's qkv does;
-    the kernel then starts before that work ends (a launch hint: no effect here)."""
+    enable_pdl promises that, of what this reads, the work queued just before it wrote only
+    query and each sequence's newest K/V (position context_lens - 1), as a decode step's qkv
+    does; the GPU kernel then starts before that work ends (a launch hint: no effect here)."""
     query_start_loc = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
     return paged_attention(query, key_cache, value_cache, block_tables, query_start_loc,
                            context_lens, scale)

@@ -72,8 +72,8 @@ class Attention(nn.Module):
         ops = ops_for(q)
         nd = meta.num_decodes
         if nd == meta.num_seqs:  # decode-only step (the CUDA-graph case)
-            # Only q and each sequence's newest K/V were written since the last layer's
-            # attention: the kernel may start on the rest while they are computed.
+            # Of what attention reads, this layer's qkv wrote only q and each sequence's
+            # newest K/V: the kernel may start on the rest of the cache while qkv runs.
             return ops.paged_attention_decode(q, key_cache, value_cache, meta.block_tables,
                                               meta.context_lens, self.scale, meta.max_context_len,
                                               enable_pdl=True)
