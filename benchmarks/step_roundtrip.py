@@ -72,7 +72,7 @@ def main() -> None:
     print(f"{'tp':>3} {'empty p50':>10} {'empty p99':>10} {'decode p50':>11} {'decode p99':>11} {'rank0 ms':>9}")
     for r in rows:
         print(f"{r['tp']:>3} {r['empty_step_ms']['p50']:>10} {r['empty_step_ms']['p99']:>10} "
-              f"{r['decode_step_ms']['p50']:>11} {r['decode_step_ms']['p99']:>11} {r['rank0_worker_ms_mean']:>9}")
+              f"{r['decode_step_ms']['p50']:>11} {r['decode_step_ms']['p99']:>11} {r['rank0_gpu_ms_mean']:>9}")
     print(f"wrote {path}")
 
 
