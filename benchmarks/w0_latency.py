@@ -4,6 +4,8 @@ TTFT is the wall time of a max_tokens=1 request, total the wall time of a max_to
 request (each on a fresh random prompt, so the prefix cache never hits); TPOT is
 (total - TTFT) / 127. Then, with the engine shut down so its memory is free, the
 weight-GEMM floor at batch 1 is measured in the same run: goal TPOT / floor <= 1.10.
+Each 128-token request also records per-step means of the driver's step and of rank 0's
+phases (step_means_ms_all): they tell a host-bound request from a GPU-bound one.
 
     python3 -m benchmarks.w0_latency                  # Llama-3-8B shapes, bf16, one GPU
     python3 -m benchmarks.w0_latency --tp 2
@@ -30,6 +32,16 @@ def _timed(llm, prompt: list[int], max_tokens: int) -> float:
     return elapsed
 
 
+def _step_means(before: dict, after: dict) -> dict:
+    """Per-step means (ms) between two engine metric snapshots: the driver's whole step and
+    rank 0's phases. A request whose steps are host-bound shows wait_prev_s near 0 (the GPU
+    was done before the worker asked); a GPU-bound one shows the GPU's time there."""
+    n = max(after["steps"] - before["steps"], 1)
+    phases = {k: v - before["worker_phase_total_s"].get(k, 0.0) for k, v in after["worker_phase_total_s"].items()}
+    return {"engine_step": ms((after["total_step_s"] - before["total_step_s"]) / n),
+            **{k.removesuffix("_s"): ms(v / n) for k, v in phases.items()}}
+
+
 def measure_engine(args) -> dict:
     n = 1 + 2 * args.repeats
     prompts = make_prompts(args.shape, [args.prompt_len] * n, seed=0)
@@ -37,15 +49,17 @@ def measure_engine(args) -> dict:
     with make_llm(args, tp=args.tp) as llm:
         startup_s = time.perf_counter() - t0
         _timed(llm, prompts[0], args.new_tokens)  # warm-up: first-use costs stay out of the numbers
-        ttft, total = [], []
+        ttft, total, steps = [], [], []
         for i in range(args.repeats):
             ttft.append(_timed(llm, prompts[1 + 2 * i], 1))
+            before = llm.engine.metrics.snapshot()
             total.append(_timed(llm, prompts[2 + 2 * i], args.new_tokens))
+            steps.append(_step_means(before, llm.engine.metrics.snapshot()))
         num_blocks = llm.engine.executor.num_gpu_blocks
     tpot = [(tot - first) / (args.new_tokens - 1) for tot, first in zip(total, ttft)]
     return {"startup_s": round(startup_s, 2), "num_gpu_blocks": num_blocks,
             "ttft_ms": ms(median(ttft)), "total_ms": ms(median(total)), "tpot_ms": ms(median(tpot)),
-            "tpot_ms_all": [ms(x) for x in tpot]}
+            "tpot_ms_all": [ms(x) for x in tpot], "step_means_ms_all": steps}
 
 
 def main() -> None:
