@@ -1,11 +1,14 @@
 """W0 latency (DESIGN.md): 1 request, prompt 512 tokens, 128 new tokens: time per output token.
 
-TTFT is the wall time of a max_tokens=1 request, total the wall time of a max_tokens=128
-request (each on a fresh random prompt, so the prefix cache never hits); TPOT is
-(total - TTFT) / 127. Then, with the engine shut down so its memory is free, the
-weight-GEMM floor at batch 1 is measured in the same run: goal TPOT / floor <= 1.10.
-Each 128-token request also records per-step means of the driver's step and of rank 0's
-phases (step_means_ms_all): they tell a host-bound request from a GPU-bound one.
+Each repeat is one max_tokens=128 request on a fresh random prompt (the prefix cache never
+hits), driven through engine.step() so that every token's arrival is seen: TTFT is the
+time to its first token and TPOT the time from its first token to its last over 127.
+(tpot_split_ms is the older estimate, (total - TTFT of a separate 1-token request) / 127:
+a slow or fast 1-token request moves it by 1/127 of the difference.) Then, with the
+engine shut down so its memory is free, the weight-GEMM floor at batch 1 is measured in
+the same run: goal TPOT / floor <= 1.10. Each request also records per-step means of
+the driver's step and of rank 0's phases (step_means_ms_all): they tell a host-bound
+request from a GPU-bound one.
 
     python3 -m benchmarks.w0_latency                  # Llama-3-8B shapes, bf16, one GPU
     python3 -m benchmarks.w0_latency --tp 2
@@ -22,14 +25,22 @@ from benchmarks.common import (add_common_args, make_llm, make_prompts, median, 
 GOAL_RATIO = 1.10
 
 
-def _timed(llm, prompt: list[int], max_tokens: int) -> float:
-    t = time.perf_counter()
-    out = llm.generate(prompt, sampling(max_tokens), use_tqdm=False)
-    elapsed = time.perf_counter() - t
-    got = len(out[0].outputs[0].token_ids)
+def _timed(llm, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """(time to the first token, time to the last) of one request, from its own outputs."""
+    engine = llm.engine
+    request_id = engine.add_request(prompt, sampling(max_tokens))
+    start, first, got, finished = time.perf_counter(), None, 0, False
+    while not finished:
+        if not engine.has_unfinished_requests():
+            raise RuntimeError(f"request {request_id} never finished")
+        for out in engine.step():
+            if out.request_id == request_id:
+                got, finished = len(out.outputs[0].token_ids), out.finished
+                if first is None and got:
+                    first = time.perf_counter() - start
     if got != max_tokens:  # ignore_eos: anything else means the request did not run as asked
         raise RuntimeError(f"asked for {max_tokens} tokens, got {got}")
-    return elapsed
+    return first, time.perf_counter() - start
 
 
 def _step_means(before: dict, after: dict) -> dict:
@@ -49,17 +60,22 @@ def measure_engine(args) -> dict:
     with make_llm(args, tp=args.tp) as llm:
         startup_s = time.perf_counter() - t0
         _timed(llm, prompts[0], args.new_tokens)  # warm-up: first-use costs stay out of the numbers
-        ttft, total, steps = [], [], []
+        ttft, total, ttft_alone, steps = [], [], [], []
         for i in range(args.repeats):
-            ttft.append(_timed(llm, prompts[1 + 2 * i], 1))
+            ttft_alone.append(_timed(llm, prompts[1 + 2 * i], 1)[1])
             before = llm.engine.metrics.snapshot()
-            total.append(_timed(llm, prompts[2 + 2 * i], args.new_tokens))
+            first, last = _timed(llm, prompts[2 + 2 * i], args.new_tokens)
             steps.append(_step_means(before, llm.engine.metrics.snapshot()))
+            ttft.append(first)
+            total.append(last)
         num_blocks = llm.engine.executor.num_gpu_blocks
-    tpot = [(tot - first) / (args.new_tokens - 1) for tot, first in zip(total, ttft)]
+    n = args.new_tokens - 1
+    tpot = [(last - first) / n for first, last in zip(ttft, total)]
+    split = [(last - alone) / n for alone, last in zip(ttft_alone, total)]
     return {"startup_s": round(startup_s, 2), "num_gpu_blocks": num_blocks,
             "ttft_ms": ms(median(ttft)), "total_ms": ms(median(total)), "tpot_ms": ms(median(tpot)),
-            "tpot_ms_all": [ms(x) for x in tpot], "step_means_ms_all": steps}
+            "tpot_ms_all": [ms(x) for x in tpot], "tpot_split_ms": ms(median(split)),
+            "tpot_split_ms_all": [ms(x) for x in split], "step_means_ms_all": steps}
 
 
 def main() -> None:
