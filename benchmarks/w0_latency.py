@@ -69,9 +69,9 @@ def measure_engine(args) -> dict:
             ttft.append(first)
             total.append(last)
         num_blocks = llm.engine.executor.num_gpu_blocks
-    n = args.new_tokens - 1
-    tpot = [(last - first) / n for first, last in zip(ttft, total)]
-    split = [(last - alone) / n for alone, last in zip(ttft_alone, total)]
+    intervals = args.new_tokens - 1
+    tpot = [(last - first) / intervals for first, last in zip(ttft, total)]
+    split = [(last - alone) / intervals for alone, last in zip(ttft_alone, total)]
     return {"startup_s": round(startup_s, 2), "num_gpu_blocks": num_blocks,
             "ttft_ms": ms(median(ttft)), "total_ms": ms(median(total)), "tpot_ms": ms(median(tpot)),
             "tpot_ms_all": [ms(x) for x in tpot], "tpot_split_ms": ms(median(split)),
