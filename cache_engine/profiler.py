@@ -22,6 +22,15 @@ GIB = 2 ** 30
 CUDA_GRAPH_RESERVE_BYTES = GIB // 2  # graph pools hold decode activations (batch <= max_num_seqs)
 
 
+def graph_reserve_bytes(cfg, arch) -> int:
+    """What the decode graphs' pool keeps: activations, and the float32 logits of the largest
+    bucket (with TP, the gathered 2-byte logits beside them)."""
+    if cfg.enforce_eager:
+        return 0
+    tp = cfg.parallel.tensor_parallel_size
+    return CUDA_GRAPH_RESERVE_BYTES + cfg.scheduler.max_num_seqs * arch.vocab_size * (4 if tp == 1 else 8)
+
+
 def _dummy_step(num_tokens: int, num_seqs: int, device: torch.device):
     """num_tokens new tokens split as evenly as possible into num_seqs whole prompts."""
     num_seqs = max(1, min(num_seqs, num_tokens))
@@ -55,14 +64,15 @@ def profile_num_gpu_blocks(worker) -> int:
     del hidden, logits
     free, total = torch.cuda.mem_get_info()
     non_torch = (total - free) - torch.cuda.memory_reserved()
-    budget = total * cfg.cache.gpu_memory_utilization - peak - non_torch - CUDA_GRAPH_RESERVE_BYTES
+    reserve = graph_reserve_bytes(cfg, arch)
+    budget = total * cfg.cache.gpu_memory_utilization - peak - non_torch - reserve
     per_block = bytes_per_block(arch, cfg.parallel.tensor_parallel_size, cfg.cache.block_size,
                                 worker.dtype)
     num_blocks = max(0, int(budget // per_block))
     logger.info("rank %d: total %.2f GiB x %.2f; torch peak %.2f GiB (weights + a %d-token step), "
                 "outside torch %.2f GiB, graph reserve %.2f GiB -> KV cache %.2f GiB = %d blocks",
                 worker.rank, total / GIB, cfg.cache.gpu_memory_utilization, peak / GIB, num_tokens,
-                non_torch / GIB, CUDA_GRAPH_RESERVE_BYTES / GIB, num_blocks * per_block / GIB,
+                non_torch / GIB, reserve / GIB, num_blocks * per_block / GIB,
                 num_blocks)
     torch.cuda.empty_cache()
     return num_blocks

@@ -30,37 +30,81 @@ template <typename T>
 __device__ __forceinline__ float round_t(float v) { return DT<T>::to_float(DT<T>::from_float(v)); }
 
 // XNORM prologue: xs[m][:] = T(x[m] * rsqrt(mean(x[m]^2) + eps) * g), the norm's output as
-// the unfused path stores it, for every row, in shared memory (all threads call it).
+// the unfused path stores it, for every row, in shared memory (all threads call it). It sits
+// between a CTA's first weight loads and the rest of them, so its latency is the kernel's:
+// each thread issues STAGE_VPT vectors of every row at once (one trip to L2 for K <= 4096 at
+// M = 1, not one per vector), and g is prefetched into L1 meanwhile for the second pass.
+template <int M>
+constexpr int STAGE_VPT = M >= 4 ? 1 : 4 / M;
+
 template <typename T, int M>
 __device__ void stage_normed_x(uint4* xs, const T* x, long long x_stride, const T* g, int K, float eps) {
   __shared__ float part[M][32];
-  const int kv = K >> 3;
+  constexpr int V = STAGE_VPT<M>;
+  const int kv = K >> 3, span = V * blockDim.x;
+  const uint4* g4 = reinterpret_cast<const uint4*>(g);
+  float ss[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < kv; i += blockDim.x) {
-      float f[8];
-      unpack8<T>(*(reinterpret_cast<const uint4*>(x + m * x_stride) + i), f);
+  for (int m = 0; m < M; ++m) ss[m] = 0.f;
+  for (int i0 = threadIdx.x; i0 < kv; i0 += span) {
+    uint4 v[M][V];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+    for (int u = 0; u < V; ++u) {
+      const int i = i0 + u * blockDim.x;
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        v[m][u] = i < kv ? *(reinterpret_cast<const uint4*>(x + m * x_stride) + i) : make_uint4(0, 0, 0, 0);
+      if (i < kv) asm volatile("prefetch.global.L1 [%0];" ::"l"(g4 + i));
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    if ((threadIdx.x & 31) == 0) part[m][threadIdx.x >> 5] = ss;
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        float f[8];
+        unpack8<T>(v[m][u], f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss[m] = fmaf(f[j], f[j], ss[m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], off);
+    if ((threadIdx.x & 31) == 0) part[m][threadIdx.x >> 5] = ss[m];
   }
   __syncthreads();
+  float inv[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     float t = 0.f;
     for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[m][w];
-    const float inv = rsqrtf(t / (float)K + eps);
-    for (int i = threadIdx.x; i < kv; i += blockDim.x) {
-      float f[8], gw[8];
-      unpack8<T>(*(reinterpret_cast<const uint4*>(x + m * x_stride) + i), f);
-      unpack8<T>(*(reinterpret_cast<const uint4*>(g) + i), gw);
+    inv[m] = rsqrtf(t / (float)K + eps);
+  }
+  for (int i0 = threadIdx.x; i0 < kv; i0 += span) {  // x and g from L1 now
+    uint4 gv[V], v[M][V];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] = f[j] * inv * gw[j];
-      xs[m * kv + i] = pack8<T>(f);
+    for (int u = 0; u < V; ++u) {
+      const int i = i0 + u * blockDim.x;
+      gv[u] = i < kv ? g4[i] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        v[m][u] = i < kv ? *(reinterpret_cast<const uint4*>(x + m * x_stride) + i) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i >= kv) break;
+      float gw[8];
+      unpack8<T>(gv[u], gw);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float f[8];
+        unpack8<T>(v[m][u], f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = f[j] * inv[m] * gw[j];
+        xs[m * kv + i] = pack8<T>(f);
+      }
     }
   }
   __syncthreads();

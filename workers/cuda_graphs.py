@@ -1,10 +1,13 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket.
 
-A decode step of B sequences runs the graph of the smallest bucket >= B. The
-graph reads fixed input buffers; rows B..bucket-1 are padding: slot -1 (nothing
-written to the cache), context length 1 over block 0 (a harmless read), and
-their outputs are ignored. Captured after the KV cache exists, largest bucket
-first, all graphs sharing one memory pool (a step runs one graph at a time).
+A decode step of B sequences runs the graph of the smallest bucket >= B, from the
+model's inputs to the logits of every row. The graphs read their inputs in place from
+one device buffer (`GraphInputs`), which a step fills with a single host-to-device copy
+(and, for tokens still on the device, one gather): nothing else runs between steps.
+Rows B..bucket-1 are padding: slot -1 (nothing written to the cache), context length 1
+(a harmless read of a valid block) and their outputs are ignored. Captured after the KV
+cache exists, largest bucket first, all graphs sharing one memory pool (a step runs one
+graph at a time).
 
 Attention inside a graph gets max_context_len = max_model_len, so the decode
 kernel's grid (and its context split) is fixed at capture time and covers any
@@ -14,9 +17,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from workers.attention import AttentionMetadata
+from workers.input_batch import Rows
+from workers.staging import StagingBuffer, aligned
 
 logger = logging.getLogger("raytp.cuda_graphs")
 
@@ -30,34 +36,93 @@ def batch_size_buckets(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+class GraphInputs:
+    """The inputs every decode graph reads, in one device buffer of n = the largest bucket
+    rows: per row (int64) input_ids, positions, slot_mapping, sample_rows, gather_rows,
+    gather_src; context_lens (int32); then block_tables [n, max_blocks] (int32) last, so
+    that a step of B rows copies only B rows of it. Table entries past a row's blocks are
+    never read, so they are not cleared. The pad values make rows B..bucket-1 harmless."""
+
+    ROWS = (("input_ids", np.int64, 0), ("positions", np.int64, 0), ("slot_mapping", np.int64, -1),
+            ("sample_rows", np.int64, 0), ("gather_rows", np.int64, 0), ("gather_src", np.int64, 0),
+            ("context_lens", np.int32, 1))
+
+    def __init__(self, n: int, max_blocks: int, device: torch.device):
+        self.n, self.max_blocks = n, max_blocks
+        self._at, end = {}, 0  # name -> (byte offset, numpy dtype)
+        for name, dtype, _ in self.ROWS:
+            self._at[name] = (end, np.dtype(dtype))
+            end += aligned(n * np.dtype(dtype).itemsize)
+        self.tables_offset, self.nbytes = end, end + n * max_blocks * 4
+        self.dev = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+        for name, dtype, pad in self.ROWS:
+            setattr(self, name, self._view(self.dev, name).view(getattr(torch, np.dtype(dtype).name)).fill_(pad))
+        self.block_tables = self.dev[end:].view(torch.int32).view(n, max_blocks)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+
+    def _view(self, buf, name: str):
+        """name's bytes in buf (the device buffer or a host one: same layout)."""
+        off, dtype = self._at[name]
+        return buf[off:off + self.n * dtype.itemsize]
+
+    def stage(self, staging: StagingBuffer, bucket: int, r: Rows, tables: np.ndarray) -> None:
+        """Queue the copy of a step's rows (tables: [B, width] int32) padded to bucket."""
+        b, width = tables.shape
+
+        def fill(host: np.ndarray) -> int:
+            for name, dtype, pad in self.ROWS:
+                rows = self._view(host, name).view(dtype)
+                values = getattr(r, _ROW_FIELDS.get(name, name))
+                rows[:len(values)] = values
+                if name in _PADDED:
+                    rows[b:bucket] = pad
+            end = self.tables_offset + b * self.max_blocks * 4
+            host[self.tables_offset:end].view(np.int32).reshape(b, self.max_blocks)[:, :width] = tables
+            return end
+
+        staging.copy_into(self.dev, fill, self.nbytes)
+
+    def fill_placeholders(self, b: int, num_gathers: int, prev_tokens: torch.Tensor) -> None:
+        """input_ids of the rows whose token the previous step sampled, from its tokens."""
+        if num_gathers == b:  # every row (gather_rows is 0..b-1): one kernel
+            torch.index_select(prev_tokens, 0, self.gather_src[:b], out=self.input_ids[:b])
+        elif num_gathers:
+            src = prev_tokens.index_select(0, self.gather_src[:num_gathers])
+            self.input_ids.index_copy_(0, self.gather_rows[:num_gathers], src)
+
+    def meta(self, b: int, max_context_len: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
+            context_lens=self.context_lens[:b], query_start_loc=self.query_start_loc[:b + 1],
+            num_decodes=b, max_query_len=1, max_context_len=max_context_len)
+
+
+_ROW_FIELDS = {"slot_mapping": "slots"}  # GraphInputs name -> Rows field, where they differ
+_PADDED = ("input_ids", "positions", "slot_mapping", "context_lens")  # what the padding rows read
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list, max_num_seqs: int,
                  max_model_len: int, block_size: int, device: torch.device):
         self.model, self.kv_caches = model, kv_caches
         self.max_model_len = max_model_len
         self.buckets = batch_size_buckets(max_num_seqs)
-        n, max_blocks = self.buckets[-1], -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.inputs = GraphInputs(self.buckets[-1], -(-max_model_len // block_size), device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}
 
     @property
     def max_batch(self) -> int:
         return self.buckets[-1]
 
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
-            context_lens=self.context_lens[:b], query_start_loc=self.query_start_loc[:b + 1],
-            num_decodes=b, max_query_len=1, max_context_len=self.max_model_len)
+    def bucket(self, num_seqs: int) -> int | None:
+        """The bucket whose graph runs a decode-only step of num_seqs (None: too many)."""
+        return next((s for s in self.buckets if s >= num_seqs), None) if self.graphs else None
 
     def _forward(self, b: int) -> torch.Tensor:
-        return self.model(self.input_ids[:b], self.positions[:b], self.kv_caches, self._meta(b))
+        x = self.inputs
+        hidden = self.model(x.input_ids[:b], x.positions[:b], self.kv_caches, x.meta(b, self.max_model_len))
+        return self.model.compute_logits(hidden)  # [b, vocab] float32
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -67,30 +132,15 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self._forward(b)
+                self.logits[b] = self._forward(b)
             self.graphs[b] = graph
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.buckets)
 
-    def can_run(self, meta: AttentionMetadata) -> bool:
-        return (bool(self.graphs) and meta.num_decodes == meta.num_seqs
-                and meta.num_seqs <= self.max_batch and meta.max_context_len <= self.max_model_len)
-
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
-        """Decode step through the smallest fitting graph -> hidden states [B, H]."""
-        b = meta.num_seqs
-        bucket = next(s for s in self.buckets if s >= b)
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[:b].copy_(positions)
-        self.slot_mapping[:b].copy_(meta.slot_mapping)
-        self.slot_mapping[b:bucket].fill_(-1)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:b, :width].copy_(meta.block_tables)
-        self.context_lens[:b].copy_(meta.context_lens)
-        self.context_lens[b:bucket].fill_(1)
+    def run(self, b: int, bucket: int) -> torch.Tensor:
+        """Replay bucket's graph over the staged inputs -> logits [b, vocab] float32."""
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:b]
+        return self.logits[bucket][:b]
 
 
-__all__ = ["DecodeGraphs", "batch_size_buckets"]
+__all__ = ["DecodeGraphs", "GraphInputs", "batch_size_buckets"]

@@ -55,6 +55,7 @@ class StepInputs:
     logits_indices: torch.Tensor  # [num_sampled]: the last scheduled token of each sampling seq
     sample_req_ids: list[str]
     samples_every_token: bool = False  # logits_indices is arange(num_tokens) (decode-only steps)
+    bucket: int | None = None  # a decode-only step run by this bucket's CUDA graph
 
 
 @dataclass
@@ -120,6 +121,10 @@ class ModelRunner:
         states = [self.requests[r] for r in so.req_ids]
         table_rows = np.array([s.row for s in states], dtype=np.intp)
         num_decodes = num_leading_decodes(num_scheduled)
+        if num_decodes == len(states) and self.graphs is not None:
+            bucket = self.graphs.bucket(num_decodes)
+            if bucket is not None:
+                return self._prepare_graph_step(states, table_rows, bucket, prev)
         parts = []
         if num_decodes:  # the leading decodes, all at once
             parts.append(decode_rows(states[:num_decodes], table_rows[:num_decodes], self.block_tables, bs))
@@ -151,16 +156,39 @@ class ModelRunner:
                                  max_context_len=self.context_bound or int(r.context_lens.max()), prefill=plan)
         return StepInputs(ids, pos, meta, rows, r.sample_ids, len(r.sample_rows) == len(r.input_ids))
 
+    def _prepare_graph_step(self, states: list[CachedRequestState], table_rows: np.ndarray, bucket: int,
+                            prev: _StepInFlight | None) -> StepInputs:
+        """A decode-only step for bucket's CUDA graph: its inputs go straight into the buffer
+        the graph reads, by one copy (and one gather of the tokens still on the device)."""
+        r = decode_rows(states, table_rows, self.block_tables, self.block_size)
+        x, b = self.graphs.inputs, len(states)
+        x.stage(self.staging, bucket, r, self.block_tables.gather(table_rows))
+        if len(r.gather_rows):
+            assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
+            x.fill_placeholders(b, len(r.gather_rows), prev.tokens)
+        return StepInputs(x.input_ids[:b], x.positions[:b], x.meta(b, self.graphs.max_model_len),
+                          x.sample_rows[:len(r.sample_rows)], r.sample_ids, len(r.sample_rows) == b, bucket)
+
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Decode CUDA graphs over the (already allocated) KV cache."""
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
                                    self.block_size, self.device)
         self.graphs.capture()
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(inputs.meta):
-            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
-        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+    def _logits(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Run the step's forward -> logits [num_sampled, vocab] float32 (None: none sample)."""
+        if inputs.bucket is not None:  # the graph ends in the logits of every row
+            logits = self.graphs.run(inputs.meta.num_seqs, inputs.bucket)
+            if not inputs.sample_req_ids:
+                return None
+            return logits if inputs.samples_every_token else logits[inputs.logits_indices]
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # [T, H]
+        if not inputs.sample_req_ids:
+            return None
+        # Every rank joins the logits all-gather; only rank 0 samples.
+        if not inputs.samples_every_token:  # (else the gather is a copy of all of it)
+            hidden = hidden[inputs.logits_indices]
+        return self.model.compute_logits(hidden)  # [num_sampled, vocab]
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> list[ModelRunnerOutput] | None:
@@ -173,12 +201,7 @@ class ModelRunner:
         if so.req_ids:
             inputs = self.prepare_inputs(so, prev)
             timer.lap("prepare_s")
-            hidden = self._forward(inputs)  # [T, H]
-            if inputs.sample_req_ids:
-                # Every rank joins the logits all-gather; only rank 0 samples.
-                if not inputs.samples_every_token:  # (else the gather is a copy of all of it)
-                    hidden = hidden[inputs.logits_indices]
-                logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
+            logits = self._logits(inputs)
             timer.lap("forward_s")
         outs = [self._finish(prev)]  # this step is queued: now wait for the previous one's tokens
         timer.lap("wait_prev_s")  # (the GPU's time, not the host's: kept out of sample_s)

@@ -13,10 +13,11 @@ import torch
 
 from ops.prefill_attention import plan_prefill
 from tests.unit.test_scheduler import add, make_sched
+from workers.cuda_graphs import DecodeGraphs
 from workers.input_batch import PLACEHOLDER, BlockTables, num_leading_decodes
 from workers.model_runner import ModelRunner, _StepTimer
 
-BS, VOCAB = 4, 50
+BS, VOCAB, NUM_BLOCKS = 4, 50, 16
 
 
 def reference_inputs(runner: ModelRunner, so, prev) -> dict:
@@ -59,16 +60,21 @@ def check_inputs(runner: ModelRunner, so, prev) -> object:
     want = reference_inputs(runner, so, prev)
     got = runner.prepare_inputs(so, prev)
     m = got.meta
+    tables = m.block_tables
+    if got.bucket is not None:  # the graph's buffer: a fixed width; past each row's blocks, unread
+        check_graph_padding(runner.graphs, len(so.req_ids), got.bucket)
+        tables = tables[:, :want["block_tables"].shape[1]]
     pairs = [(got.input_ids, "input_ids"), (got.positions, "positions"), (m.slot_mapping, "slot_mapping"),
-             (got.logits_indices, "logits_indices"), (m.block_tables, "block_tables"),
+             (got.logits_indices, "logits_indices"), (tables, "block_tables"),
              (m.context_lens, "context_lens"), (m.query_start_loc, "query_start_loc")]
     for t, name in pairs:
         assert t.dtype == want[name].dtype and torch.equal(t, want[name]), name
     assert got.sample_req_ids == want["sample_ids"]
     every = torch.equal(want["logits_indices"], torch.arange(len(want["input_ids"])))
     assert got.samples_every_token == every
+    bound = runner.graphs.max_model_len if got.bucket is not None else want["max_context_len"]
     assert (m.num_decodes, m.max_query_len, m.max_context_len) == \
-        (want["num_decodes"], want["max_query_len"], want["max_context_len"])
+        (want["num_decodes"], want["max_query_len"], bound)
     if "plan" in want:
         plan = [m.prefill.cu_q, m.prefill.cu_k, m.prefill.kv_blocks, m.prefill.kv_offsets]
         assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(plan, want["plan"]))
@@ -78,11 +84,27 @@ def check_inputs(runner: ModelRunner, so, prev) -> object:
     return got
 
 
+def check_graph_padding(graphs: DecodeGraphs, b: int, bucket: int) -> None:
+    """Rows b..bucket-1 of a graph step write no cache slot and read one valid block."""
+    x = graphs.inputs
+    assert (x.slot_mapping[b:bucket] == -1).all() and (x.context_lens[b:bucket] == 1).all()
+    assert (x.input_ids[b:bucket] == 0).all() and (x.positions[b:bucket] == 0).all()
+    assert ((x.block_tables[b:bucket, 0] >= 0) & (x.block_tables[b:bucket, 0] < NUM_BLOCKS)).all()
+
+
+def cpu_graphs(max_num_seqs: int, max_model_len: int) -> DecodeGraphs:
+    """The decode graphs' input side on the CPU: prepare_inputs takes the graph path (nothing
+    replays here; tests/gpu/test_engine_gpu.py runs the graphs themselves)."""
+    graphs = DecodeGraphs(None, [], max_num_seqs, max_model_len, BS, torch.device("cpu"))
+    graphs.graphs = dict.fromkeys(graphs.buckets)  # as if captured: bucket() answers
+    return graphs
+
+
 def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> dict:
     """The engine loop (two steps in flight) over the runner, on the GPU's order of work:
     the runner prepares step N+1 before step N's tokens arrive. Returns counters."""
     rng, outputs, pending = torch.Generator().manual_seed(seed), {}, deque()
-    seen = {"steps": 0, "placeholders": 0, "mixed": 0, "preempted": 0}
+    seen = {"steps": 0, "placeholders": 0, "mixed": 0, "preempted": 0, "graph": 0}
 
     def worker_step(so) -> None:
         runner.update_states(so)
@@ -95,6 +117,7 @@ def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> 
             inputs = check_inputs(runner, so, prev)
             seen["steps"] += 1
             seen["mixed"] += 0 < inputs.meta.num_decodes < len(so.req_ids)
+            seen["graph"] += inputs.bucket is not None
             logits = torch.randn(len(inputs.sample_req_ids), VOCAB, generator=rng)
         out = runner._finish(prev)
         if out is not None:
@@ -121,10 +144,11 @@ def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> 
     return seen
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph_inputs"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_prepare_inputs_matches_the_plain_build(seed):
+def test_prepare_inputs_matches_the_plain_build(seed, graphs):
     random.seed(seed)
-    sched = make_sched(num_gpu=16, bs=BS, max_model_len=64, max_num_seqs=6, budget=12)
+    sched = make_sched(num_gpu=NUM_BLOCKS, bs=BS, max_model_len=64, max_num_seqs=6, budget=12)
     prefix = [random.randrange(3, VOCAB) for _ in range(9)]  # shared: prefix-cache hits
     for i in range(10):
         prompt = (prefix if i % 2 else []) + [random.randrange(3, VOCAB) for _ in range(random.randint(1, 20))]
@@ -132,8 +156,11 @@ def test_prepare_inputs_matches_the_plain_build(seed):
             max_tokens=random.randint(1, 24), ignore_eos=True)
     runner = ModelRunner(None, [], BS, torch.device("cpu"), rank=0)
     runner.plan_prefill = True  # build the flash plan too (pure numpy)
+    if graphs:  # decode-only steps of up to 4 rows (buckets 1, 2, 4) take the graph path
+        runner.graphs = cpu_graphs(4, 64)
     seen = run_engine(sched, runner, seed)
     assert seen["steps"] > 20 and seen["placeholders"] and seen["mixed"] and seen["preempted"], seen
+    assert bool(seen["graph"]) == graphs, seen
 
 
 def test_block_tables_rows_are_reused_zeroed_and_grow():
