@@ -77,12 +77,16 @@ def _launch(fn, dev: int, grid: tuple, block: tuple, args: tuple, smem: int = 0,
     stream = _current_stream(dev)
     if pdl and _capability(dev) >= (9, 0):
         _launch_dependent(fn, dev, grid, block, args, smem, stream.ptr)
-        return
-    if torch.cuda.current_device() == dev:
-        fn(grid, block, args, smem, stream)
     else:
-        with cp.cuda.Device(dev):
-            fn(grid, block, args, smem, stream)
+        _on_device(dev, lambda: fn(grid, block, args, smem, stream))
+
+
+def _on_device(dev: int, call):
+    """call() with dev as the current device (switching only when it is not)."""
+    if torch.cuda.current_device() == dev:
+        return call()
+    with cp.cuda.Device(dev):
+        return call()
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value union
@@ -118,12 +122,7 @@ def _launch_dependent(fn, dev: int, grid: tuple, block: tuple, args: tuple, smem
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     pad = lambda t: (ctypes.c_uint * 3)(*t, *(1,) * (3 - len(t)))
     config = _LaunchConfig(pad(grid), pad(block), smem, stream, ctypes.pointer(attr), 1)
-    launch = lambda: _cu_launch_kernel_ex()(ctypes.byref(config), fn.ptr, params, None)
-    if torch.cuda.current_device() == dev:
-        rc = launch()
-    else:
-        with cp.cuda.Device(dev):
-            rc = launch()
+    rc = _on_device(dev, lambda: _cu_launch_kernel_ex()(ctypes.byref(config), fn.ptr, params, None))
     if rc != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {rc}")
 

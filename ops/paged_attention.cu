@@ -45,6 +45,12 @@
 // without any header (ops/dtypes.cu and ops/warp_ptx.cu are compiled in front):
 // conversions are bit operations and PTX, so NVRTC needs no include path.
 
+// Byte offset of 16-byte column c of row r in a tile of rows row_bytes long, XOR-swizzled
+// over 8 rows (the layout cp.async writes and ldmatrix reads without bank conflicts).
+__device__ __forceinline__ unsigned int swizzled(int r, int c, int row_bytes) {
+  return (unsigned int)(r * row_bytes + ((c ^ (r & 7)) << 4));
+}
+
 // Row r of a K tile (at kp) and a V tile (at vp) into their stage (at s_k, V tile_bytes
 // after it, rows swizzled as the cp.async copies place them), by plain loads through L2:
 // the newest position, which the kernel before this one may have written.
@@ -52,7 +58,7 @@ template <int HEAD_DIM, typename T>
 __device__ __forceinline__ void copy_row(unsigned int s_k, int tile_bytes, const T* kp, const T* vp, int r, int lane) {
   constexpr int COLS = HEAD_DIM / 8;  // 16-byte columns per row
   if (lane >= COLS) return;
-  const unsigned int soff = (unsigned int)(r * HEAD_DIM * 2 + ((lane ^ (r & 7)) << 4));
+  const unsigned int soff = swizzled(r, lane, HEAD_DIM * 2);
   st_shared16(s_k + soff, __ldcg(reinterpret_cast<const uint4*>(kp + r * HEAD_DIM) + lane));
   st_shared16(s_k + tile_bytes + soff, __ldcg(reinterpret_cast<const uint4*>(vp + r * HEAD_DIM) + lane));
 }
@@ -160,7 +166,7 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
     for (int i = 0; i < PIECES; ++i) {
       const int p = lane + 32 * i;
       const int r = p / COLS, c = p % COLS;
-      const unsigned int soff = (unsigned int)(r * ROW_BYTES + ((c ^ (r & 7)) << 4));
+      const unsigned int soff = swizzled(r, c, ROW_BYTES);
       if (before_wait && tok0 + r == ctx - 1) continue;
       const int nbytes = tok0 + r < ctx ? 16 : 0;
       cp_async16(s_k + soff, kp + r * HEAD_DIM + c * 8, nbytes);
@@ -216,7 +222,7 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
       for (int kp2 = 0; kp2 < KSTEPS / 2; ++kp2) {
         const int c = kp2 * 4 + (lane >> 3);
         unsigned int b0, b1, b2, b3;
-        ldmatrix_x4(sK + (unsigned int)(r * ROW_BYTES + ((c ^ (r & 7)) << 4)), b0, b1, b2, b3);
+        ldmatrix_x4(sK + swizzled(r, c, ROW_BYTES), b0, b1, b2, b3);
         MMA<T>::run(s[nt], qa[2 * kp2], b0, b1);
         MMA<T>::run(s[nt], qa[2 * kp2 + 1], b2, b3);
       }
@@ -272,7 +278,7 @@ __device__ __forceinline__ void paged_attention_decode(PAGED_DECODE_PARAMS) {
       for (int q2 = 0; q2 < NT / 2; ++q2) {
         const int c = 2 * q2 + (j >> 1);
         unsigned int v0, v1, v2, v3;
-        ldmatrix_x4_trans(sV + (unsigned int)(r * ROW_BYTES + ((c ^ (r & 7)) << 4)), v0, v1, v2, v3);
+        ldmatrix_x4_trans(sV + swizzled(r, c, ROW_BYTES), v0, v1, v2, v3);
         MMA<T>::run(o[2 * q2], pa, v0, v1);
         MMA<T>::run(o[2 * q2 + 1], pa, v2, v3);
       }
