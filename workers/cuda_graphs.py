@@ -1,9 +1,9 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket.
 
 A decode step of B sequences runs the graph of the smallest bucket >= B, from the
-model's inputs to the logits of every row. The graphs read their inputs in place from
-one device buffer (`GraphInputs`), which a step fills with a single host-to-device copy
-(and, for tokens still on the device, one gather): nothing else runs between steps.
+model's inputs to the logits of every row. Each graph reads its inputs in place from a
+device buffer of its own (`GraphInputs`), which a step fills with a single host-to-device
+copy (and, for tokens still on the device, one gather): nothing else runs between steps.
 Rows B..bucket-1 are padding: slot -1 (nothing written to the cache), context length 1
 (a harmless read of a valid block) and their outputs are ignored. Captured after the KV
 cache exists, largest bucket first, all graphs sharing one memory pool (a step runs one
@@ -37,11 +37,12 @@ def batch_size_buckets(max_num_seqs: int) -> list[int]:
 
 
 class GraphInputs:
-    """The inputs every decode graph reads, in one device buffer of n = the largest bucket
-    rows: per row (int64) input_ids, positions, slot_mapping, sample_rows, gather_rows,
-    gather_src; context_lens (int32); then block_tables [n, max_blocks] (int32) last, so
-    that a step of B rows copies only B rows of it. Table entries past a row's blocks are
-    never read, so they are not cleared. The pad values make rows B..bucket-1 harmless."""
+    """The inputs one bucket's graph reads, in one device buffer of n = bucket rows: per row
+    (int64) input_ids, positions, slot_mapping, sample_rows, gather_rows, gather_src;
+    context_lens (int32); then block_tables [n, max_blocks] (int32) last, so that a step of
+    B rows copies only B rows of it (the copy is a bucket's header and B table rows). Table
+    entries past a row's blocks are never read, so they are not cleared. The pad values
+    make rows B..n-1 harmless."""
 
     ROWS = (("input_ids", np.int64, 0), ("positions", np.int64, 0), ("slot_mapping", np.int64, -1),
             ("sample_rows", np.int64, 0), ("gather_rows", np.int64, 0), ("gather_src", np.int64, 0),
@@ -65,8 +66,8 @@ class GraphInputs:
         off, dtype = self._at[name]
         return buf[off:off + self.n * dtype.itemsize]
 
-    def stage(self, staging: StagingBuffer, bucket: int, r: Rows, tables: np.ndarray) -> None:
-        """Queue the copy of a step's rows (tables: [B, width] int32) padded to bucket."""
+    def stage(self, staging: StagingBuffer, r: Rows, tables: np.ndarray) -> None:
+        """Queue the copy of a step's rows (tables: [B, width] int32) padded to n rows."""
         b, width = tables.shape
 
         def fill(host: np.ndarray) -> int:
@@ -75,7 +76,7 @@ class GraphInputs:
                 values = getattr(r, _ROW_FIELDS.get(name, name))
                 rows[:len(values)] = values
                 if name in _PADDED:
-                    rows[b:bucket] = pad
+                    rows[b:] = pad
             end = self.tables_offset + b * self.max_blocks * 4
             host[self.tables_offset:end].view(np.int32).reshape(b, self.max_blocks)[:, :width] = tables
             return end
@@ -107,7 +108,8 @@ class DecodeGraphs:
         self.model, self.kv_caches = model, kv_caches
         self.max_model_len = max_model_len
         self.buckets = batch_size_buckets(max_num_seqs)
-        self.inputs = GraphInputs(self.buckets[-1], -(-max_model_len // block_size), device)
+        max_blocks = -(-max_model_len // block_size)
+        self.inputs = {b: GraphInputs(b, max_blocks, device) for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -120,7 +122,7 @@ class DecodeGraphs:
         return next((s for s in self.buckets if s >= num_seqs), None) if self.graphs else None
 
     def _forward(self, b: int) -> torch.Tensor:
-        x = self.inputs
+        x = self.inputs[b]
         hidden = self.model(x.input_ids[:b], x.positions[:b], self.kv_caches, x.meta(b, self.max_model_len))
         return self.model.compute_logits(hidden)  # [b, vocab] float32
 

@@ -161,8 +161,8 @@ class ModelRunner:
         """A decode-only step for bucket's CUDA graph: its inputs go straight into the buffer
         the graph reads, by one copy (and one gather of the tokens still on the device)."""
         r = decode_rows(states, table_rows, self.block_tables, self.block_size)
-        x, b = self.graphs.inputs, len(states)
-        x.stage(self.staging, bucket, r, self.block_tables.gather(table_rows))
+        x, b = self.graphs.inputs[bucket], len(states)
+        x.stage(self.staging, r, self.block_tables.gather(table_rows))
         if len(r.gather_rows):
             assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
             x.fill_placeholders(b, len(r.gather_rows), prev.tokens)

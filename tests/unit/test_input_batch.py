@@ -86,10 +86,10 @@ def check_inputs(runner: ModelRunner, so, prev) -> object:
 
 def check_graph_padding(graphs: DecodeGraphs, b: int, bucket: int) -> None:
     """Rows b..bucket-1 of a graph step write no cache slot and read one valid block."""
-    x = graphs.inputs
-    assert (x.slot_mapping[b:bucket] == -1).all() and (x.context_lens[b:bucket] == 1).all()
-    assert (x.input_ids[b:bucket] == 0).all() and (x.positions[b:bucket] == 0).all()
-    assert ((x.block_tables[b:bucket, 0] >= 0) & (x.block_tables[b:bucket, 0] < NUM_BLOCKS)).all()
+    x = graphs.inputs[bucket]
+    assert x.n == bucket and (x.slot_mapping[b:] == -1).all() and (x.context_lens[b:] == 1).all()
+    assert (x.input_ids[b:] == 0).all() and (x.positions[b:] == 0).all()
+    assert ((x.block_tables[b:, 0] >= 0) & (x.block_tables[b:, 0] < NUM_BLOCKS)).all()
 
 
 def cpu_graphs(max_num_seqs: int, max_model_len: int) -> DecodeGraphs:
