@@ -56,8 +56,9 @@ class GraphInputs:
             end += aligned(n * np.dtype(dtype).itemsize)
         self.tables_offset, self.nbytes = end, end + n * max_blocks * 4
         self.dev = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
-        for name, dtype, pad in self.ROWS:
-            setattr(self, name, self._view(self.dev, name).view(getattr(torch, np.dtype(dtype).name)).fill_(pad))
+        for name, dtype, pad in self.ROWS:  # the device views, filled with their pad values
+            view = self._view(self.dev, name).view(getattr(torch, np.dtype(dtype).name))
+            setattr(self, name, view.fill_(pad))
         self.block_tables = self.dev[end:].view(torch.int32).view(n, max_blocks)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
 
@@ -118,7 +119,8 @@ class DecodeGraphs:
         return self.buckets[-1]
 
     def bucket(self, num_seqs: int) -> int | None:
-        """The bucket whose graph runs a decode-only step of num_seqs (None: too many)."""
+        """The bucket whose graph runs a decode-only step of num_seqs (None: too many, or no
+        graphs captured)."""
         return next((s for s in self.buckets if s >= num_seqs), None) if self.graphs else None
 
     def _forward(self, b: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ class StagingBuffer:
             if event is not None:
                 event.synchronize()  # never free a host buffer a copy still reads
         capacity = aligned(capacity)  # every dtype view below spans it exactly
-        # Zeroed: a fixed layout (copy_into) may copy bytes this step did not write.
+        # (copy_into copies bytes a step may not have written; the device never reads those.)
         self.hosts = [torch.zeros(capacity, dtype=torch.uint8, pin_memory=self.pinned) for _ in (0, 1)]
         self.host_nps = [h.numpy() for h in self.hosts]  # (numpy views, made once)
         self.dev = torch.empty(capacity, dtype=torch.uint8, device=self.device)
