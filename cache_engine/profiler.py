@@ -23,12 +23,16 @@ CUDA_GRAPH_RESERVE_BYTES = GIB // 2  # graph pools hold decode activations (batc
 
 
 def graph_reserve_bytes(cfg, arch) -> int:
-    """What the decode graphs' pool keeps: activations, and the float32 logits of the largest
-    bucket (with TP, the gathered 2-byte logits beside them)."""
+    """What the decode graphs keep: their pool's activations, the float32 logits of the
+    largest bucket (with TP, the gathered 2-byte logits beside them), and every bucket's
+    input buffer (workers/cuda_graphs.py: a block-table row of max_model_len per row)."""
     if cfg.enforce_eager:
         return 0
+    from workers.cuda_graphs import batch_size_buckets
     tp = cfg.parallel.tensor_parallel_size
-    return CUDA_GRAPH_RESERVE_BYTES + cfg.scheduler.max_num_seqs * arch.vocab_size * (4 if tp == 1 else 8)
+    logits = cfg.scheduler.max_num_seqs * arch.vocab_size * (4 if tp == 1 else 8)
+    row = 4 * -(-cfg.model.max_model_len // cfg.cache.block_size) + 64  # the table + 7 scalars
+    return CUDA_GRAPH_RESERVE_BYTES + logits + sum(batch_size_buckets(cfg.scheduler.max_num_seqs)) * row
 
 
 def _dummy_step(num_tokens: int, num_seqs: int, device: torch.device):
