@@ -42,10 +42,10 @@ class GraphInputs:
     context_lens (int32); then block_tables [n, max_blocks] (int32) last, so that a step of
     B rows copies only B rows of it (the copy is a bucket's header and B table rows). Table
     entries past a row's blocks are never read, so they are not cleared. The pad values
-    make rows B..n-1 harmless."""
+    make rows B..n-1 harmless; rows without one (None) are read only up to their count."""
 
     ROWS = (("input_ids", np.int64, 0), ("positions", np.int64, 0), ("slot_mapping", np.int64, -1),
-            ("sample_rows", np.int64, 0), ("gather_rows", np.int64, 0), ("gather_src", np.int64, 0),
+            ("sample_rows", np.int64, None), ("gather_rows", np.int64, None), ("gather_src", np.int64, None),
             ("context_lens", np.int32, 1))
 
     def __init__(self, n: int, max_blocks: int, device: torch.device):
@@ -58,7 +58,7 @@ class GraphInputs:
         self.dev = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
         for name, dtype, pad in self.ROWS:  # the device views, filled with their pad values
             view = self._view(self.dev, name).view(getattr(torch, np.dtype(dtype).name))
-            setattr(self, name, view.fill_(pad))
+            setattr(self, name, view.fill_(pad or 0))
         self.block_tables = self.dev[end:].view(torch.int32).view(n, max_blocks)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
 
@@ -76,7 +76,7 @@ class GraphInputs:
                 rows = self._view(host, name).view(dtype)
                 values = getattr(r, _ROW_FIELDS.get(name, name))
                 rows[:len(values)] = values
-                if name in _PADDED:
+                if pad is not None:
                     rows[b:] = pad
             end = self.tables_offset + b * self.max_blocks * 4
             host[self.tables_offset:end].view(np.int32).reshape(b, self.max_blocks)[:, :width] = tables
@@ -100,7 +100,6 @@ class GraphInputs:
 
 
 _ROW_FIELDS = {"slot_mapping": "slots"}  # GraphInputs name -> Rows field, where they differ
-_PADDED = ("input_ids", "positions", "slot_mapping", "context_lens")  # what the padding rows read
 
 
 class DecodeGraphs:
