@@ -33,3 +33,29 @@ reshape_and_cache_kernel(
     value_cache[dst] = value[t * value_stride + i];
   }
 }
+
+// gather_cache: reshape_and_cache's inverse, for prefill attention over cached context:
+// the key/value rows of the given slots (all >= 0), packed [K, Hk, D] contiguous.
+// One CTA per packed row, one thread per word, as above.
+template <typename W>
+__global__ void __launch_bounds__(256)
+gather_cache_kernel(
+    const W* __restrict__ key_cache,    // [NB, Hk, BS, D]
+    const W* __restrict__ value_cache,  // [NB, Hk, BS, D]
+    W* __restrict__ key,                // [K, Hk, D]
+    W* __restrict__ value,              // [K, Hk, D]
+    const long long* __restrict__ slots,  // [K]
+    int num_kv_heads, int block_size, int words_per_head) {
+  const long long t = blockIdx.x;
+  const long long slot = slots[t];
+  const long long blk = slot / block_size;
+  const int off = (int)(slot - blk * block_size);
+  const int row_words = num_kv_heads * words_per_head;
+  for (int i = threadIdx.x; i < row_words; i += blockDim.x) {
+    const int h = i / words_per_head;
+    const int w = i - h * words_per_head;
+    const long long src = ((blk * num_kv_heads + h) * block_size + off) * (long long)words_per_head + w;
+    key[t * row_words + i] = key_cache[src];
+    value[t * row_words + i] = value_cache[src];
+  }
+}

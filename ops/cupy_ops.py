@@ -177,13 +177,16 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     cos_sin_cache = cos_sin_cache.contiguous()
     ct = "float" if cos_sin_cache.dtype == torch.float32 else _CTYPE[query.dtype]
     dev = _dev(query)
-    k = _kernel("rotary.cu", f"rotary_embedding_kernel<{_CTYPE[query.dtype]}, {ct}>", dev)
-    items = (hq + hk) * d // 2
+    qs = query.stride(0) if t > 1 else hq * d
+    ks = key.stride(0) if t > 1 else hk * d
+    # 16-byte vectors where every row (and the cache's) starts 16-byte aligned.
+    vec = 8 if (d // 2) % 8 == 0 and (qs * 2) % 16 == 0 and (ks * 2) % 16 == 0 \
+        and all(_aligned(x) for x in (query, key, cos_sin_cache)) else 1
+    k = _kernel("rotary.cu", f"rotary_embedding_kernel<{_CTYPE[query.dtype]}, {ct}, {vec}>", dev)
+    items = (hq + hk) * d // 2 // vec
     threads = _round32(items, 256)
     # Enough CTAs to cover the SMs for a small batch; one CTA per token for a big one.
     splits = max(1, min(-(-items // threads), _sm_count(dev) // t))
-    qs = query.stride(0) if t > 1 else hq * d
-    ks = key.stride(0) if t > 1 else hk * d
     _launch(k, dev, (t, splits), (threads,),
             (_p(query), _p(key), _p(positions), _p(cos_sin_cache), _i64(qs), _i64(ks),
              _i32(hq), _i32(hk), _i32(d)))
@@ -231,7 +234,38 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     return None
 
 
+def gather_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache rows of slots [K] (all >= 0) -> (key, value), each [K, Hk, D] contiguous."""
+    _check_caches(key_cache, value_cache)
+    nb, hk, bs, d = key_cache.shape
+    if slots.dim() != 1:
+        raise ValueError(f"slots shape {tuple(slots.shape)}: want [K]")
+    esize = key_cache.element_size()
+    if (value_cache.dtype != key_cache.dtype or esize not in (2, 4)
+            or not key_cache.is_contiguous() or not value_cache.is_contiguous()):
+        return reference.gather_cache(key_cache, value_cache, slots)
+    _check_device(key_cache, value_cache, slots)
+    n = slots.shape[0]
+    key = torch.empty((n, hk, d), dtype=key_cache.dtype, device=key_cache.device)
+    value = torch.empty_like(key)
+    if n == 0:
+        return key, value
+    row_bytes = d * esize
+    if row_bytes % 16 == 0 and _aligned(key_cache) and _aligned(value_cache):
+        word, wsize = "uint4", 16
+    else:
+        word, wsize = ("unsigned short", 2) if esize == 2 else ("unsigned int", 4)
+    wph = row_bytes // wsize
+    dev = _dev(key_cache)
+    k = _kernel("cache_kernels.cu", f"gather_cache_kernel<{word}>", dev)
+    _launch(k, dev, (n,), (_round32(hk * wph, 256),),
+            (_p(key_cache), _p(value_cache), _p(key), _p(value), _p(slots.to(torch.int64).contiguous()),
+             _i32(hk), _i32(bs), _i32(wph)))
+    return key, value
+
+
 __all__ = ["argmax", "linear", "norm_qkv_rope_cache", "linear_add", "norm_gate_up_silu", "rms_norm",
            "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache", "rotary_embedding",
-           "reshape_and_cache", "paged_attention", "paged_attention_decode", "fallback_reason",
+           "reshape_and_cache", "gather_cache", "paged_attention", "paged_attention_decode", "fallback_reason",
            "decode_partitions"]

@@ -1,15 +1,16 @@
 """Prefill attention on GPU: all prefill chunks of a step in one varlen flash call.
 
 The chunks' K/V (cached prefix + this step's tokens, already written to the
-paged cache) are gathered into one packed [total_k, Hk, D] tensor, then
+paged cache) are gathered into one packed [total_k, Hk, D] tensor (when no chunk has
+cached context, the step's own K/V rows are that tensor: nothing is gathered), then
 FlashAttention-2's varlen kernel (shipped inside torch as
 aten._flash_attention_forward) attends each chunk's queries to its keys. With
 seqlen_q < seqlen_k its causal mask is bottom-right aligned, which is exactly
 "row i of a q_len-row chunk sits at position ctx - q_len + i"; it takes GQA
 natively (Hk divides Hq).
 
-The model runner plans the gather on the host once per step (`plan_prefill`: which
-cache slots, the cumulative lengths, the maxima), so the layers never sync with the
+The model runner plans the gather on the host once per step (`plan_prefill`: the
+cumulative lengths, which cache slots, the maxima), so the layers never sync with the
 host; `flash_varlen_prefill` without a plan derives it on the device (one sync).
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ops.dispatch import ops_for
 
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -38,31 +41,52 @@ class PrefillPlan:
 
     cu_q: torch.Tensor  # [P + 1] int32: chunk p's queries are rows [cu_q[p], cu_q[p+1])
     cu_k: torch.Tensor  # [P + 1] int32: chunk p's keys are packed rows [cu_k[p], cu_k[p+1])
-    kv_blocks: torch.Tensor  # [K] int64: the cache block of each packed key
-    kv_offsets: torch.Tensor  # [K] int64: its slot inside the block
+    # [K] int64: the cache slot of each packed key; None when no chunk has cached context
+    # (cu_k == cu_q): then the keys are the step's own K/V rows, and nothing is gathered.
+    kv_slots: torch.Tensor | None
     max_q: int
     max_k: int
 
 
 def plan_prefill(q_lens: list[int], context_lens: list[int], tables: list[list[int]],
                  block_size: int) -> list[np.ndarray]:
-    """Host arrays of a PrefillPlan (cu_q, cu_k, kv_blocks, kv_offsets), in that order."""
+    """Host arrays of a PrefillPlan: [cu_q, cu_k], then kv_slots if a chunk has cached context."""
+    cu = lambda lens: np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    arrays = [cu(q_lens), cu(context_lens)]
+    if list(q_lens) == list(context_lens):
+        return arrays
     pos = [np.arange(c, dtype=np.int64) for c in context_lens]
     blocks = [np.asarray(t, dtype=np.int64)[p // block_size] for t, p in zip(tables, pos)]
-    cu = lambda lens: np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    return [cu(q_lens), cu(context_lens), np.concatenate(blocks),
-            np.concatenate(pos) % block_size]
+    return arrays + [np.concatenate(blocks) * block_size + np.concatenate(pos) % block_size]
 
 
-def flash_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                  plan: PrefillPlan, scale: float) -> torch.Tensor:
-    """query [T, Hq, D] (the chunks' rows, in plan order) -> [T, Hq, D]; no host sync."""
-    k = key_cache[plan.kv_blocks, :, plan.kv_offsets]  # [K, Hk, D]
-    v = value_cache[plan.kv_blocks, :, plan.kv_offsets]
-    out = torch.ops.aten._flash_attention_forward(
-        query.contiguous(), k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
-        0.0, True, False, scale=scale)[0]
-    return out.view_as(query)
+# FlashAttention-2 writing into a given output (a slice of a mixed step's output), where
+# this torch has it.
+_FLASH_INTO = getattr(torch.ops.aten, "_flash_attention_forward_no_dropout_inplace", None)
+
+
+def flash_prefill(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+                  key_cache: torch.Tensor, value_cache: torch.Tensor, plan: PrefillPlan,
+                  scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """query [T, Hq, D] and key/value [T, Hk, D]: the chunks' rows this step, in plan order
+    (already in the cache) -> out [T, Hq, D] (contiguous); no host sync. Strided token rows
+    (views into the fused qkv output) are read in place."""
+    if plan.kv_slots is None:
+        if key is None or value is None:
+            raise ValueError("a plan without kv_slots attends to the step's own K/V: pass key and value")
+        k, v = key, value
+    else:
+        k, v = ops_for(query).gather_cache(key_cache, value_cache, plan.kv_slots)  # [K, Hk, D]
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    args = (query, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, 0.0, True, False)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if _FLASH_INTO is not None:
+        _FLASH_INTO(out, *args, scale=scale)
+    else:
+        out.copy_(torch.ops.aten._flash_attention_forward(*args, scale=scale)[0])
+    return out
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,

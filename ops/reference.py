@@ -184,6 +184,15 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     value_cache[blocks, :, offsets] = value[valid].to(value_cache.dtype)
 
 
+def gather_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reshape_and_cache's inverse: the cache rows of slots [K] (all >= 0) -> (key, value),
+    each [K, Hk, D]: prefill attention's keys where a chunk has cached context."""
+    block_size = key_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    return key_cache[blocks, :, offsets], value_cache[blocks, :, offsets]
+
+
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """The first context_len positions of one sequence: [context_len, Hk, D]."""
     num_blocks = -(-context_len // cache.shape[2])
@@ -245,5 +254,5 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
 
 __all__ = ["argmax", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache",
-           "rotary_embedding", "reshape_and_cache", "linear", "norm_qkv_rope_cache", "linear_add",
+           "rotary_embedding", "reshape_and_cache", "gather_cache", "linear", "norm_qkv_rope_cache", "linear_add",
            "norm_gate_up_silu", "paged_attention", "paged_attention_decode"]

@@ -63,11 +63,14 @@ class Attention(nn.Module):
         if kv_cache is None:
             return _attention_without_cache(q, k, v, meta, self.scale)
         ops_for(q).reshape_and_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        return self.attend(q, kv_cache, meta)
+        return self.attend(q, kv_cache, meta, (k, v))
 
     def attend(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-               meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, Hq, D] over the cache, which already holds this step's K/V -> [T, Hq, D]."""
+               meta: AttentionMetadata, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """q [T, Hq, D] over the cache, which already holds this step's K/V -> [T, Hq, D].
+        new_kv: those K/V rows [T, Hk, D], which prefill chunks without cached context read
+        in place (a decode-only step needs none)."""
         key_cache, value_cache = kv_cache
         ops = ops_for(q)
         nd = meta.num_decodes
@@ -78,21 +81,27 @@ class Attention(nn.Module):
                                               meta.context_lens, self.scale, meta.max_context_len,
                                               enable_pdl=True)
         if nd == 0:
-            return self._prefill(ops, q, key_cache, value_cache, meta)
+            return self._prefill(ops, q, key_cache, value_cache, meta, new_kv)
         # Mixed step: decode rows [0, nd) through the decode kernel, prefill chunks after.
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out[:nd] = ops.paged_attention_decode(q[:nd], key_cache, value_cache, meta.block_tables[:nd],
                                               meta.context_lens[:nd], self.scale, meta.max_context_len)
-        out[nd:] = self._prefill(ops, q[nd:], key_cache, value_cache, meta)
+        self._prefill(ops, q[nd:], key_cache, value_cache, meta, new_kv, out[nd:])
         return out
 
-    def _prefill(self, ops, q, key_cache, value_cache, meta: AttentionMetadata) -> torch.Tensor:
-        """The prefill chunks (sequences num_decodes.., rows q) over the paged cache."""
-        if meta.prefill is not None:
-            return flash_prefill(q, key_cache, value_cache, meta.prefill, self.scale)
+    def _prefill(self, ops, q, key_cache, value_cache, meta: AttentionMetadata,
+                 new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """The prefill chunks (sequences num_decodes.., rows q) over the paged cache; into
+        out when given."""
         nd = meta.num_decodes
-        return ops.paged_attention(q, key_cache, value_cache, meta.block_tables[nd:],
-                                   meta.query_start_loc[nd:] - nd, meta.context_lens[nd:], self.scale)
+        if meta.prefill is not None:
+            k, v = (new_kv[0][nd:], new_kv[1][nd:]) if new_kv is not None else (None, None)
+            return flash_prefill(q, k, v, key_cache, value_cache, meta.prefill, self.scale, out)
+        o = ops.paged_attention(q, key_cache, value_cache, meta.block_tables[nd:],
+                                meta.query_start_loc[nd:] - nd, meta.context_lens[nd:], self.scale)
+        return o if out is None else out.copy_(o)
+
 
 def _attention_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -136,17 +136,18 @@ class ModelRunner:
         arrays = [r.input_ids, r.positions, r.slots, r.sample_rows, self.block_tables.gather(table_rows),
                   r.context_lens, query_start]
         prefill = states[num_decodes:] if self.plan_prefill else []
-        if prefill:
-            arrays += plan_prefill(num_scheduled[num_decodes:], r.context_lens[num_decodes:].tolist(),
-                                   [s.block_ids for s in prefill], bs)
+        planned = plan_prefill(num_scheduled[num_decodes:], r.context_lens[num_decodes:].tolist(),
+                               [s.block_ids for s in prefill], bs) if prefill else []
+        arrays += planned
         if len(r.gather_rows):
             arrays += [r.gather_rows, r.gather_src]
         ids, pos, slot_mapping, rows, tables, ctx, qsl, *extra = self.staging.to_device(arrays)
         plan = None
         if prefill:
-            plan = PrefillPlan(*extra[:4], max_q=max(num_scheduled[num_decodes:]),
+            cu_q, cu_k, *slots = extra[:len(planned)]
+            plan = PrefillPlan(cu_q, cu_k, slots[0] if slots else None, max_q=max(num_scheduled[num_decodes:]),
                                max_k=int(r.context_lens[num_decodes:].max()))
-            extra = extra[4:]
+            extra = extra[len(planned):]
         if extra:
             assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
             ids.index_copy_(0, extra[0], prev.tokens.index_select(0, extra[1]))

@@ -129,18 +129,24 @@ def test_zero_rows():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("tokens,hq,hk", [(1, 4, 4), (13, 8, 2), (37, 32, 8)])
-@pytest.mark.parametrize("fused_qkv", [False, True])
-def test_rotary_embedding(dtype, head_dim, tokens, hq, hk, fused_qkv):
+@pytest.mark.parametrize("tokens,hq,hk", [(1, 4, 4), (13, 8, 2), (37, 32, 8), (300, 32, 8)])
+@pytest.mark.parametrize("layout", ["contiguous", "qkv_view", "unaligned"])
+@pytest.mark.parametrize("cache_fp32", [True, False])
+def test_rotary_embedding(dtype, head_dim, tokens, hq, hk, layout, cache_fp32):
+    """16-byte vectors where rows are aligned; "unaligned" (views shifted by one element)
+    takes the scalar kernel."""
     cache = ref.rope_cos_sin_cache(head_dim, 8192, 500000.0, None).to(DEV)
+    if not cache_fp32:
+        cache = cache.to(dtype)
     positions = torch.randint(0, 8192, (tokens,), device=DEV)
-    if fused_qkv:  # q/k as strided views of one qkv row, as the model passes them
-        qkv = torch.randn(tokens, (hq + 2 * hk) * head_dim, device=DEV).to(dtype)
-        q = qkv[:, :hq * head_dim].view(tokens, hq, head_dim)
-        k = qkv[:, hq * head_dim:(hq + hk) * head_dim].view(tokens, hk, head_dim)
-    else:
+    if layout == "contiguous":
         q = torch.randn(tokens, hq, head_dim, device=DEV).to(dtype)
         k = torch.randn(tokens, hk, head_dim, device=DEV).to(dtype)
+    else:  # q/k as strided views of one qkv row, as the model passes them
+        off = 1 if layout == "unaligned" else 0
+        qkv = torch.randn(tokens, off + (hq + 2 * hk) * head_dim, device=DEV).to(dtype)
+        q = qkv[:, off:off + hq * head_dim].view(tokens, hq, head_dim)
+        k = qkv[:, off + hq * head_dim:off + (hq + hk) * head_dim].view(tokens, hk, head_dim)
     want_q, want_k = ref.rotary_embedding(positions, q.float(), k.float(), cache)
     out_q, out_k = K.rotary_embedding(positions, q, k, cache)
     check(out_q, want_q, dtype, "query")
@@ -173,6 +179,20 @@ def test_reshape_and_cache(dtype, head_dim, layout):
     torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
     K.reshape_and_cache(key[:0], value[:0], kc, vc, slots[:0])  # no tokens: a no-op
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 16), (128, 32)])
+def test_gather_cache(dtype, head_dim, block_size):
+    """reshape_and_cache's inverse, bit for bit: random slots (repeats too, any order)."""
+    hk, nb = 8, 41
+    kc = torch.randn(nb, hk, block_size, head_dim, device=DEV).to(dtype)
+    vc = torch.randn_like(kc)
+    for n in (0, 1, 17, 1000):
+        slots = torch.randint(0, nb * block_size, (n,), device=DEV)
+        got, want = K.gather_cache(kc, vc, slots), ref.gather_cache(kc, vc, slots)
+        for g, w in zip(got, want):
+            assert g.shape == (n, hk, head_dim) and g.is_contiguous() and torch.equal(g, w)
 
 
 # --------------------------------------------------------------------------- paged attention helpers
@@ -477,21 +497,33 @@ def test_paged_attention_prefill(dtype, head_dim, group):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_planned_flash_prefill(dtype, head_dim, group):
-    """The model runner's path: the gather planned on the host (no sync in the layers)."""
+@pytest.mark.parametrize("cached", [True, False], ids=["cached_context", "fresh_chunks"])
+def test_planned_flash_prefill(dtype, head_dim, group, cached):
+    """The model runner's path: the plan built on the host (no sync in the layers), q/k/v
+    views of one fused qkv row, the output a slice of a mixed step's. With cached context
+    the keys are gathered from the cache; without, the step's own K/V rows are read in place."""
     from ops.prefill_attention import PrefillPlan, flash_prefill, plan_prefill
     seqs = [(1, 1), (15, 15), (17, 17), (16, 33), (100, 1000), (7, 2049), (1, 17), (300, 4097)]
-    hk, bs = 2, 16
-    contexts = [c for _, c in seqs]
-    kc, vc, bt = make_paged_kv(contexts, hk, head_dim, dtype, block_size=bs)
+    if not cached:
+        seqs = [(n, n) for n in (1, 15, 17, 33, 1000, 300)]
+    hk, bs, d = 2, 16, head_dim
+    hq, contexts, q_lens = hk * group, [c for _, c in seqs], [n for n, _ in seqs]
+    kc, vc, bt = make_paged_kv(contexts, hk, d, dtype, block_size=bs)
     tables = [row[:-(-c // bs)] for row, c in zip(bt.tolist(), contexts)]
-    q_lens = [n for n, _ in seqs]
-    arrays = plan_prefill(q_lens, contexts, tables, bs)
-    plan = PrefillPlan(*(torch.from_numpy(a).to(DEV) for a in arrays), max_q=max(q_lens), max_k=max(contexts))
-    q = torch.randn(sum(q_lens), hk * group, head_dim, device=DEV).to(dtype)
-    scale = head_dim ** -0.5
+    arrays = [torch.from_numpy(a).to(DEV) for a in plan_prefill(q_lens, contexts, tables, bs)]
+    assert len(arrays) == (3 if cached else 2)
+    plan = PrefillPlan(*arrays[:2], arrays[2] if cached else None, max_q=max(q_lens), max_k=max(contexts))
+    t = sum(q_lens)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device=DEV).to(dtype)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], dim=1))
+    new_slots = torch.tensor([row[p // bs] * bs + p % bs for row, n, c in zip(tables, q_lens, contexts)
+                              for p in range(c - n, c)], device=DEV)
+    k[:], v[:] = ref.gather_cache(kc, vc, new_slots)  # the step's rows, as written to the cache
+    nd, scale = 3, d ** -0.5
+    mixed = torch.full((nd + t, hq, d), float("nan"), device=DEV, dtype=dtype)
+    out = flash_prefill(q, k, v, kc, vc, plan, scale, out=mixed[nd:])
+    assert out.data_ptr() == mixed[nd:].data_ptr() and mixed[:nd].isnan().all()
     ctx_lens = torch.tensor(contexts, dtype=torch.int32, device=DEV)
-    out = flash_prefill(q, kc, vc, plan, scale)
     want = ref.paged_attention(q.float(), kc.float(), vc.float(), bt, plan.cu_q, ctx_lens, scale)
     check(out, want, dtype)
     torch.testing.assert_close(out, K.paged_attention(q, kc, vc, bt, plan.cu_q, ctx_lens, scale),

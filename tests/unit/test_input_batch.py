@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from ops.prefill_attention import plan_prefill
 from tests.unit.test_scheduler import add, make_sched
 from workers.cuda_graphs import DecodeGraphs
 from workers.input_batch import PLACEHOLDER, BlockTables, num_leading_decodes
@@ -50,9 +49,13 @@ def reference_inputs(runner: ModelRunner, so, prev) -> dict:
                context_lens=torch.tensor(ctx, dtype=torch.int32),
                query_start_loc=torch.tensor(qsl, dtype=torch.int32), sample_ids=sample_ids,
                num_decodes=nd, max_query_len=max(so.num_scheduled_tokens), max_context_len=max(ctx))
-    if nd < len(states):
-        out["plan"] = [torch.from_numpy(a) for a in plan_prefill(
-            so.num_scheduled_tokens[nd:], ctx[nd:], [s.block_ids for s in states[nd:]], bs)]
+    if nd < len(states):  # the flash plan: cumulative lengths, and each key's slot if any is cached
+        q_lens, ctxs = so.num_scheduled_tokens[nd:], ctx[nd:]
+        cu = lambda lens: torch.tensor(np.cumsum([0] + list(lens)), dtype=torch.int32)
+        out["plan"] = [cu(q_lens), cu(ctxs)]
+        if list(q_lens) != ctxs:
+            out["plan"].append(torch.tensor([s.block_ids[p // bs] * bs + p % bs for s, c in zip(states[nd:], ctxs)
+                                             for p in range(c)], dtype=torch.int64))
     return out
 
 
@@ -76,7 +79,8 @@ def check_inputs(runner: ModelRunner, so, prev) -> object:
     assert (m.num_decodes, m.max_query_len, m.max_context_len) == \
         (want["num_decodes"], want["max_query_len"], bound)
     if "plan" in want:
-        plan = [m.prefill.cu_q, m.prefill.cu_k, m.prefill.kv_blocks, m.prefill.kv_offsets]
+        plan = [m.prefill.cu_q, m.prefill.cu_k] + ([] if m.prefill.kv_slots is None else [m.prefill.kv_slots])
+        assert len(plan) == len(want["plan"])
         assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(plan, want["plan"]))
         assert m.prefill.max_q == max(so.num_scheduled_tokens[want["num_decodes"]:])
     else:
@@ -104,7 +108,7 @@ def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> 
     """The engine loop (two steps in flight) over the runner, on the GPU's order of work:
     the runner prepares step N+1 before step N's tokens arrive. Returns counters."""
     rng, outputs, pending = torch.Generator().manual_seed(seed), {}, deque()
-    seen = {"steps": 0, "placeholders": 0, "mixed": 0, "preempted": 0, "graph": 0}
+    seen = {"steps": 0, "placeholders": 0, "mixed": 0, "preempted": 0, "graph": 0, "gathered": 0, "in_place": 0}
 
     def worker_step(so) -> None:
         runner.update_states(so)
@@ -117,6 +121,8 @@ def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> 
             inputs = check_inputs(runner, so, prev)
             seen["steps"] += 1
             seen["mixed"] += 0 < inputs.meta.num_decodes < len(so.req_ids)
+            if inputs.meta.prefill is not None:
+                seen["gathered" if inputs.meta.prefill.kv_slots is not None else "in_place"] += 1
             seen["graph"] += inputs.bucket is not None
             logits = torch.randn(len(inputs.sample_req_ids), VOCAB, generator=rng)
         out = runner._finish(prev)
@@ -160,6 +166,7 @@ def test_prepare_inputs_matches_the_plain_build(seed, graphs):
         runner.graphs = cpu_graphs(4, 64)
     seen = run_engine(sched, runner, seed)
     assert seen["steps"] > 20 and seen["placeholders"] and seen["mixed"] and seen["preempted"], seen
+    assert seen["gathered"] and seen["in_place"], seen  # prefill plans with and without cached context
     assert bool(seen["graph"]) == graphs, seen
 
 
