@@ -18,15 +18,13 @@ FUSED_MAX_TOKENS = 8
 UNROLL = 2
 CTAS_PER_SM = 8
 _THREADS = 128
-MAX_STAGED_BYTES = 96 * 1024  # shared memory for the normed rows of x (XNORM kernels)
 _Y_ADD, _Y_SILU, _Y_QKV = 0, 1, 2
 _NULL = np.uint64(0)
 
 
-def gemv_reason(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None,
-                staged: bool = False) -> str | None:
-    """Why x @ weight^T (with `others`: biases, norm weights, residuals of x's dtype; staged:
-    x normed into shared memory) cannot take the kernels (None: it can)."""
+def gemv_reason(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> str | None:
+    """Why x @ weight^T (with `others`: biases, norm weights, residuals of x's dtype) cannot
+    take the kernels (None: it can)."""
     ts = [t for t in others if t is not None]
     if x.dtype not in _HALF or any(t.dtype != x.dtype for t in (weight, *ts)):
         return f"dtypes {x.dtype}/{weight.dtype} (the kernels take bf16/fp16, all alike)"
@@ -38,8 +36,6 @@ def gemv_reason(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | N
         return "non-contiguous inputs"
     if not (_aligned(x) and _aligned(weight)):
         return "inputs not 16-byte aligned"
-    if staged and x.shape[0] * x.shape[1] * x.element_size() > MAX_STAGED_BYTES:
-        return f"x {tuple(x.shape)} larger than the {MAX_STAGED_BYTES} bytes a CTA stages"
     if not _capability_ok(_dev(x)):
         return "GPU older than sm_80"
     return None
@@ -56,8 +52,7 @@ def _launch_gemv(y, x, weight, bias, norm_weight, eps, ymode, pairs, residual=No
     dev = _dev(x)
     xnorm = "true" if norm_weight is not None else "false"
     expr = f"decode_gemv_kernel<{_CTYPE[x.dtype]}, {m}, {xnorm}, {ymode}, {UNROLL}>"
-    smem = m * k * x.element_size() if norm_weight is not None else 0  # the staged normed rows
-    fn = _kernel("decode_gemv.cu", expr, dev, smem)
+    fn = _kernel("decode_gemv.cu", expr, dev)
     ptr = lambda t: _p(t) if t is not None else _NULL
     extra = qkv or (_NULL, _NULL, _NULL, _NULL, _NULL, _i32(0), _i32(0), _i32(0), _i32(0), _i32(0))
     # Every warp gets the same number of pairs, the fewest the cap allows: a grid where some
@@ -69,7 +64,7 @@ def _launch_gemv(y, x, weight, bias, norm_weight, eps, ymode, pairs, residual=No
     ctas = -(-(n // 2) // (warps * per_warp))
     _launch(fn, dev, (ctas,), (_THREADS,),
             (_p(y), _p(x), _i64(k), ptr(norm_weight), np.float32(eps), _p(weight), ptr(bias), _i32(n), _i32(k),
-             *(_i32(v) for v in pairs), ptr(residual), *extra), smem)
+             *(_i32(v) for v in pairs), ptr(residual), *extra))
 
 
 def norm_qkv_rope_cache(x, norm_weight, eps, qkv_weight, qkv_bias, positions, cos_sin_cache,
@@ -81,7 +76,7 @@ def norm_qkv_rope_cache(x, norm_weight, eps, qkv_weight, qkv_bias, positions, co
         raise ValueError(f"qkv weight {tuple(qkv_weight.shape)} / cache {tuple(key_cache.shape)} do not match "
                          f"{num_heads} heads, {num_kv_heads} kv heads of dim {d}")
     m = x.shape[0]
-    if (gemv_reason(x, qkv_weight, norm_weight, qkv_bias, key_cache, value_cache, staged=True) or d % 2
+    if (gemv_reason(x, qkv_weight, norm_weight, qkv_bias, key_cache, value_cache) or d % 2
             or cos_sin_cache.dtype != torch.float32 or not cos_sin_cache.is_contiguous()
             or positions.shape != (m,) or slot_mapping.shape != (m,)
             or positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64):
@@ -108,7 +103,7 @@ def linear_add(x, weight, bias, residual) -> torch.Tensor:
 
 def norm_gate_up_silu(x, norm_weight, eps, gate_up_weight) -> torch.Tensor:
     """silu_and_mul(gate_up_proj(rms_norm(x))), one kernel: x [M, H] -> [M, I]."""
-    if gemv_reason(x, gate_up_weight, norm_weight, staged=True):
+    if gemv_reason(x, gate_up_weight, norm_weight):
         return reference.norm_gate_up_silu(x, norm_weight, eps, gate_up_weight)
     _check_device(x, gate_up_weight, norm_weight)
     inter = gate_up_weight.shape[0] // 2

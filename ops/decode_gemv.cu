@@ -4,16 +4,17 @@
 // a layer is a pass over its weights, and each of the seven small kernels around its
 // GEMMs (norms, RoPE, cache write, SiLU, split-K reductions) costs ~2 us of launch and
 // latency, a quarter of a 4096x4096 GEMV; here they ride along with the GEMVs instead:
-//   XNORM:  x is the residual stream; each CTA first stages the norm's output
-//           T(x * rsqrt(mean(x^2) + eps) * g) (rounded as stored) in shared memory;
+//   XNORM:  x is the residual stream, normed on the fly: the dot products take x * g
+//           and each output is scaled by rsqrt(mean(x^2) + eps) (the normed x is not
+//           rounded to T as the unfused path stores it: the same up to rounding);
 //   Y_ADD:  y = T(T(x W^T + b) + residual): the new residual stream;
 //   Y_SILU: rows (n, n + I) are gate and up: y[:, n] = T(silu(T(gate)) * T(up));
 //   Y_QKV:  rows (n, n + D/2) of one head: RoPE on q and k, q to y, k and v to the
 //           paged cache at slot_mapping (slots < 0 are padding: skipped).
 // Each warp owns pairs of weight rows (n_a, n_b = n_a + pair_offset) with
 // n_a = (g / pair_period) * pair_stride + g % pair_period for pair g; each lane loads 16
-// bytes of both rows per load, UNROLL loads in flight. w bypasses L1 (read once); x is
-// read through L1 (or from the XNORM staging). fp32 accumulation, one warp reduction per
+// bytes of both rows per load, UNROLL loads in flight. w bypasses L1 (read once); x (and
+// g) through L1. fp32 accumulation, one warp reduction per
 // output. K % 8 == 0 and 16-byte aligned rows (the launcher checks). The model uses them
 // at M = 1 only: from M = 2 on cuBLAS's tensor-core GEMMs are faster (workers/model.py).
 
@@ -28,87 +29,6 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 
 template <typename T>
 __device__ __forceinline__ float round_t(float v) { return DT<T>::to_float(DT<T>::from_float(v)); }
-
-// XNORM prologue: xs[m][:] = T(x[m] * rsqrt(mean(x[m]^2) + eps) * g), the norm's output as
-// the unfused path stores it, for every row, in shared memory (all threads call it). It sits
-// between a CTA's first weight loads and the rest of them, so its latency is the kernel's:
-// each thread issues STAGE_VPT vectors of every row at once (one trip to L2 for K <= 4096 at
-// M = 1, not one per vector), and g is prefetched into L1 meanwhile for the second pass.
-template <int M>
-constexpr int STAGE_VPT = M >= 4 ? 1 : 4 / M;
-
-template <typename T, int M>
-__device__ void stage_normed_x(uint4* xs, const T* x, long long x_stride, const T* g, int K, float eps) {
-  __shared__ float part[M][32];
-  constexpr int V = STAGE_VPT<M>;
-  const int kv = K >> 3, span = V * blockDim.x;
-  const uint4* g4 = reinterpret_cast<const uint4*>(g);
-  float ss[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) ss[m] = 0.f;
-  for (int i0 = threadIdx.x; i0 < kv; i0 += span) {
-    uint4 v[M][V];
-#pragma unroll
-    for (int u = 0; u < V; ++u) {
-      const int i = i0 + u * blockDim.x;
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-        v[m][u] = i < kv ? *(reinterpret_cast<const uint4*>(x + m * x_stride) + i) : make_uint4(0, 0, 0, 0);
-      if (i < kv) asm volatile("prefetch.global.L1 [%0];" ::"l"(g4 + i));
-    }
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-#pragma unroll
-      for (int u = 0; u < V; ++u) {
-        float f[8];
-        unpack8<T>(v[m][u], f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) ss[m] = fmaf(f[j], f[j], ss[m]);
-      }
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], off);
-    if ((threadIdx.x & 31) == 0) part[m][threadIdx.x >> 5] = ss[m];
-  }
-  __syncthreads();
-  float inv[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float t = 0.f;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[m][w];
-    inv[m] = rsqrtf(t / (float)K + eps);
-  }
-  for (int i0 = threadIdx.x; i0 < kv; i0 += span) {  // x and g from L1 now
-    uint4 gv[V], v[M][V];
-#pragma unroll
-    for (int u = 0; u < V; ++u) {
-      const int i = i0 + u * blockDim.x;
-      gv[u] = i < kv ? g4[i] : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-        v[m][u] = i < kv ? *(reinterpret_cast<const uint4*>(x + m * x_stride) + i) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < V; ++u) {
-      const int i = i0 + u * blockDim.x;
-      if (i >= kv) break;
-      float gw[8];
-      unpack8<T>(gv[u], gw);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float f[8];
-        unpack8<T>(v[m][u], f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) f[j] = f[j] * inv[m] * gw[j];
-        xs[m * kv + i] = pack8<T>(f);
-      }
-    }
-  }
-  __syncthreads();
-}
 
 // The arguments every kernel instance takes (unused ones are zero).
 #define DECODE_GEMV_PARAMS                                                                   \
@@ -173,14 +93,32 @@ __device__ __forceinline__ void load_pair(uint4 va[UNROLL], uint4 vb[UNROLL], co
 
 __device__ __forceinline__ int pair_row(int g, int period, int stride) { return (g / period) * stride + g % period; }
 
+// XNORM: rsqrt(mean(x[m]^2) + eps) for every row m, summed by one warp. A warp calls it once
+// its first pair is done (x is in L1 by then), so the weight stream never waits on it.
+template <typename T, int M>
+__device__ __forceinline__ void warp_inv_rms(float inv[M], const T* x, long long x_stride, int K, float eps) {
+  const int lane = threadIdx.x & 31, kv = K >> 3;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float ss = 0.f;
+    for (int i = lane; i < kv; i += 32) {
+      float f[8];
+      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + i), f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    inv[m] = rsqrtf(ss / (float)K + eps);
+  }
+}
+
 // A grid of a few CTAs per SM; each warp walks its row pairs g, g + all warps, ... in
 // batches of UNROLL vectors per lane, loading the next batch before it computes this one
-// (software pipelining), and the first batch before the XNORM staging, whose latency it
-// hides. The staging is paid once per CTA, not once per four pairs.
+// (software pipelining).
 template <typename T, int M, bool XNORM, int YMODE, int UNROLL>
 __global__ void __launch_bounds__(128) decode_gemv_kernel(DECODE_GEMV_PARAMS) {
   pdl_trigger();  // the decode attention after qkv starts reading the cache meanwhile
-  extern __shared__ uint4 xs[];  // XNORM: [M][K / 8], the normed rows
   const int lane = threadIdx.x & 31;
   const int kv = K >> 3;  // 16-byte vectors per row
   const int warps = gridDim.x * (blockDim.x >> 5), pairs = N >> 1;
@@ -191,8 +129,8 @@ __global__ void __launch_bounds__(128) decode_gemv_kernel(DECODE_GEMV_PARAMS) {
     const int na = pair_row(g, pair_period, pair_stride);
     load_pair<UNROLL>(va, vb, w4 + (long long)na * kv, w4 + (long long)(na + pair_offset) * kv, lane, kv);
   }
-  if constexpr (XNORM) stage_normed_x<T, M>(xs, x, x_stride, norm_w, K, eps);
-  float acc[2][M];
+  float acc[2][M], inv[M];
+  bool have_inv = !XNORM;
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = 0.f;
   // Whole warps only from here: the shuffles below need all 32 lanes.
@@ -215,8 +153,13 @@ __global__ void __launch_bounds__(128) decode_gemv_kernel(DECODE_GEMV_PARAMS) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         float xf[8];
-        if constexpr (XNORM) unpack8<T>(xs[m * kv + kk], xf);
-        else unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + kk), xf);
+        unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + kk), xf);
+        if constexpr (XNORM) {
+          float gf[8];
+          unpack8<T>(__ldg(reinterpret_cast<const uint4*>(norm_w) + kk), gf);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xf[j] *= gf[j];
+        }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           acc[0][m] = fmaf(fa[j], xf[j], acc[0][m]);
@@ -225,6 +168,9 @@ __global__ void __launch_bounds__(128) decode_gemv_kernel(DECODE_GEMV_PARAMS) {
       }
     }
     if (g2 != g) {  // pair g is complete: reduce over the lanes; lane m writes token m's outputs
+      if constexpr (XNORM) {
+        if (!have_inv) { warp_inv_rms<T, M>(inv, x, x_stride, K, eps); have_inv = true; }
+      }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
 #pragma unroll
@@ -232,6 +178,7 @@ __global__ void __launch_bounds__(128) decode_gemv_kernel(DECODE_GEMV_PARAMS) {
           acc[0][m] += __shfl_xor_sync(0xffffffffu, acc[0][m], off);
           acc[1][m] += __shfl_xor_sync(0xffffffffu, acc[1][m], off);
         }
+        if constexpr (XNORM) { acc[0][m] *= inv[m]; acc[1][m] *= inv[m]; }
         if (lane == m)
           store_pair<T, YMODE>(acc[0][m], acc[1][m], m, na, nb, y, x, x_stride, norm_w, eps, w, bias, N, K,
                                pair_period, pair_stride, pair_offset, residual, positions, cos_sin, key_cache,

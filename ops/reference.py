@@ -62,7 +62,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # A small decode batch at TP=1 runs each GEMM of a layer with the work around it
 # (workers/model.py, LlamaDecoderLayer.forward_fused; kernels in ops/decode_gemv.cu).
 # These are the same ops in the same order as the unfused layer, so they define the
-# kernels' results and are what the CPU engine runs.
+# kernels' results (up to rounding: the kernels do not round the normed x to the dtype
+# before the GEMM) and are what the CPU engine runs.
 
 
 def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,

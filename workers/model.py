@@ -112,7 +112,7 @@ class LlamaDecoderLayer(nn.Module):
         adds are launch latency, not work: each rides with the GEMV next to it (ops/
         decode_gemv.cu), four kernels and attention instead of up to eleven. x is the residual
         stream [T, H] (not a block output plus a residual); returns the next one. The same
-        ops in the same order as forward(), so the same numbers up to summation order."""
+        ops in the same order as forward(), so the same numbers up to rounding."""
         ops, attn, mlp = ops_for(x), self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         q = ops.norm_qkv_rope_cache(x, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
