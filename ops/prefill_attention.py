@@ -60,17 +60,12 @@ def plan_prefill(q_lens: list[int], context_lens: list[int], tables: list[list[i
     return arrays + [np.concatenate(blocks) * block_size + np.concatenate(pos) % block_size]
 
 
-# FlashAttention-2 writing into a given output (a slice of a mixed step's output), where
-# this torch has it.
-_FLASH_INTO = getattr(torch.ops.aten, "_flash_attention_forward_no_dropout_inplace", None)
-
-
 def flash_prefill(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
                   key_cache: torch.Tensor, value_cache: torch.Tensor, plan: PrefillPlan,
                   scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """query [T, Hq, D] and key/value [T, Hk, D]: the chunks' rows this step, in plan order
-    (already in the cache) -> out [T, Hq, D] (contiguous); no host sync. Strided token rows
-    (views into the fused qkv output) are read in place."""
+    (already in the cache) -> [T, Hq, D] (into out when given); no host sync. Strided token
+    rows (views into the fused qkv output) are read in place."""
     if plan.kv_slots is None:
         if key is None or value is None:
             raise ValueError("a plan without kv_slots attends to the step's own K/V: pass key and value")
@@ -79,14 +74,10 @@ def flash_prefill(query: torch.Tensor, key: torch.Tensor | None, value: torch.Te
         k, v = ops_for(query).gather_cache(key_cache, value_cache, plan.kv_slots)  # [K, Hk, D]
     if query.stride(-1) != 1:
         query = query.contiguous()
-    args = (query, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, 0.0, True, False)
-    if out is None:
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    if _FLASH_INTO is not None:
-        _FLASH_INTO(out, *args, scale=scale)
-    else:
-        out.copy_(torch.ops.aten._flash_attention_forward(*args, scale=scale)[0])
-    return out
+    o = torch.ops.aten._flash_attention_forward(query, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
+                                                0.0, True, False, scale=scale)[0]
+    # (torch's _flash_attention_forward_no_dropout_inplace is this same copy: no gain.)
+    return o if out is None else out.copy_(o)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
