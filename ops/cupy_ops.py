@@ -236,9 +236,10 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
 
 def gather_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
                  slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache rows of slots [K] (all >= 0) -> (key, value), each [K, Hk, D] contiguous."""
+    """The cache rows of slots [K] (each in [0, num_blocks * block_size): the caller's plan,
+    unchecked, as reshape_and_cache's) -> (key, value), each [K, Hk, D] contiguous."""
     _check_caches(key_cache, value_cache)
-    nb, hk, bs, d = key_cache.shape
+    _, hk, bs, d = key_cache.shape
     if slots.dim() != 1:
         raise ValueError(f"slots shape {tuple(slots.shape)}: want [K]")
     esize = key_cache.element_size()
@@ -267,5 +268,5 @@ def gather_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
 
 __all__ = ["argmax", "linear", "norm_qkv_rope_cache", "linear_add", "norm_gate_up_silu", "rms_norm",
            "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache", "rotary_embedding",
-           "reshape_and_cache", "gather_cache", "paged_attention", "paged_attention_decode", "fallback_reason",
-           "decode_partitions"]
+           "reshape_and_cache", "gather_cache", "paged_attention", "paged_attention_decode",
+           "fallback_reason", "decode_partitions"]

@@ -255,5 +255,5 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
 
 __all__ = ["argmax", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_cos_sin_cache",
-           "rotary_embedding", "reshape_and_cache", "gather_cache", "linear", "norm_qkv_rope_cache", "linear_add",
-           "norm_gate_up_silu", "paged_attention", "paged_attention_decode"]
+           "rotary_embedding", "reshape_and_cache", "gather_cache", "linear", "norm_qkv_rope_cache",
+           "linear_add", "norm_gate_up_silu", "paged_attention", "paged_attention_decode"]

@@ -144,7 +144,7 @@ class ModelRunner:
         ids, pos, slot_mapping, rows, tables, ctx, qsl, *extra = self.staging.to_device(arrays)
         plan = None
         if prefill:
-            cu_q, cu_k, *slots = extra[:len(planned)]
+            cu_q, cu_k, *slots = extra[:len(planned)]  # kv_slots only where a chunk has cached context
             plan = PrefillPlan(cu_q, cu_k, slots[0] if slots else None, max_q=max(num_scheduled[num_decodes:]),
                                max_k=int(r.context_lens[num_decodes:].max()))
             extra = extra[len(planned):]

@@ -54,8 +54,8 @@ def reference_inputs(runner: ModelRunner, so, prev) -> dict:
         cu = lambda lens: torch.tensor(np.cumsum([0] + list(lens)), dtype=torch.int32)
         out["plan"] = [cu(q_lens), cu(ctxs)]
         if list(q_lens) != ctxs:
-            out["plan"].append(torch.tensor([s.block_ids[p // bs] * bs + p % bs for s, c in zip(states[nd:], ctxs)
-                                             for p in range(c)], dtype=torch.int64))
+            slots = [s.block_ids[p // bs] * bs + p % bs for s, c in zip(states[nd:], ctxs) for p in range(c)]
+            out["plan"].append(torch.tensor(slots, dtype=torch.int64))
     return out
 
 
@@ -108,7 +108,7 @@ def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> 
     """The engine loop (two steps in flight) over the runner, on the GPU's order of work:
     the runner prepares step N+1 before step N's tokens arrive. Returns counters."""
     rng, outputs, pending = torch.Generator().manual_seed(seed), {}, deque()
-    seen = {"steps": 0, "placeholders": 0, "mixed": 0, "preempted": 0, "graph": 0, "gathered": 0, "in_place": 0}
+    seen = dict.fromkeys(["steps", "placeholders", "mixed", "preempted", "graph", "gathered", "in_place"], 0)
 
     def worker_step(so) -> None:
         runner.update_states(so)
