@@ -50,6 +50,8 @@ def add_common_args(parser, max_model_len: int = 2048) -> None:
     parser.add_argument("--dtype", help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--max-model-len", type=int, default=max_model_len)
     parser.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
+    parser.add_argument("--steps-in-flight", type=int, default=2,
+                        help="the engine's steps_in_flight (async scheduling: steps queued at once)")
     parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON result")
 
 
@@ -104,7 +106,8 @@ def make_llm(args, tp: int = 1, **engine_kwargs):
     """The engine on `args.shape` with random weights; extra keywords are engine options."""
     from driver import LLM
     kwargs = dict(tokenizer=tokenizer_dir(), load_format="dummy", dtype=args.dtype, device=args.device,
-                  max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+                  max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                  steps_in_flight=args.steps_in_flight)
     kwargs.update(engine_kwargs)
     return LLM(model=model_dir(args.shape, args.dtype), tensor_parallel_size=tp, **kwargs)
 

@@ -109,7 +109,7 @@ def main() -> None:
                            trace_dir=args.trace_dir)
                if args.profile else None)
     config = {k: getattr(args, k) for k in ("shape", "dtype", "tp", "batch", "prompt_len", "steps",
-                                            "warmup", "max_model_len", "enforce_eager",
+                                            "warmup", "max_model_len", "enforce_eager", "steps_in_flight",
                                             "async_scheduling")}
     res = {"engine_step": plain, "mirrored_step": mirrored, "meets_goal": plain["overhead_p50"] <= GOAL,
            "profile_top_20_steps": top, "profile_rank": args.profile_rank}

@@ -86,7 +86,7 @@ def main() -> None:
     by_tp = {r["tp"]: r["step_ms_p50"] for r in reversed(rows)}  # the default engine's row wins
     ratio = round(by_tp[1] / by_tp[2], 3) if 1 in by_tp and 2 in by_tp else None
     config = {k: getattr(args, k) for k in ("shape", "dtype", "batch", "prompt_len", "steps", "warmup",
-                                            "max_model_len", "enforce_eager")}
+                                            "max_model_len", "enforce_eager", "steps_in_flight")}
     write_result("tp_decode", {"config": config, "goal_tp1_over_tp2": GOAL_RATIO,
                                "results": {"rows": rows, "tp1_over_tp2": ratio}}, args.out, args.device)
     print_table(["tp", "all_reduce", "step_ms_p50", "step_ms_min", "gpu_ms_p50", "rank0_host_ms", "floor_ms",

@@ -97,7 +97,7 @@ def main() -> None:
         res["tpot_over_floor"] = round(res["tpot_ms"] / res["floor_ms_batch1"], 3)
         res["meets_goal"] = res["tpot_over_floor"] <= GOAL_RATIO
     config = {k: getattr(args, k) for k in ("shape", "dtype", "tp", "prompt_len", "new_tokens", "repeats",
-                                            "max_model_len", "enforce_eager")}
+                                            "max_model_len", "enforce_eager", "steps_in_flight")}
     if args.device == "cpu":
         config["note"] = "CPU smoke test: floor timed eagerly; the ratio means nothing here"
     write_result("w0_latency", {"config": config, "goal_tpot_over_floor": GOAL_RATIO, "results": res},

@@ -171,7 +171,7 @@ def main() -> None:
     res["ours_over_target_7_3s"] = round(ours_s / TARGET_S, 3) if full else None
     res["ours_over_roofline_4_4s"] = round(ours_s / ROOFLINE_S, 3) if full else None
     config = {k: getattr(args, k) for k in ("shape", "dtype", "num_requests", "new_tokens", "max_model_len",
-                                            "enforce_eager")}
+                                            "enforce_eager", "steps_in_flight")}
     config["engine_budgets"] = res["ours"]["budgets"]
     config["prompt_tokens"] = sum(len(x) for x in prompts)
     write_result("w1_throughput", {"config": config, "goal_speedup": GOAL_SPEEDUP, "results": res},

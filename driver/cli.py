@@ -33,6 +33,8 @@ ENGINE_HELP = {
     "preemption_mode": "when KV blocks run out: recompute or swap",
     "async_scheduling": "schedule the next step while the current one runs on the workers "
                         "(hides driver and Ray time; default: on)",
+    "steps_in_flight": "with async scheduling, steps queued at once; 3 takes the driver's round trip off "
+                       "the GPU's path where it is longer than a step",
 }
 
 
@@ -47,7 +49,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=ENGINE_HELP.get(name))
         else:
-            group.add_argument(flag, type=kind, default=None, help=f"{ENGINE_HELP.get(name, '')} (default: {default})")
+            text = ENGINE_HELP.get(name, "")
+            if default is not None and "default" not in text:
+                text += f" (default: {default})"
+            group.add_argument(flag, type=kind, default=None, help=text)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +73,17 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, default=1.0)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends a flag's default only where its help does not state one and it says something:
+    engine flags default to None ("not given"), and their help gives the engine's default."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False \
+                or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raytp", description="raytp: a Ray-distributed, tensor-parallel LLM serving engine.")
@@ -76,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate completions offline",
         description="Generate completions for one or more prompts and print them. Without --model, "
                     "an embedded tiny demo model (random weights, real tokenizer) is used.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     gen.add_argument("prompts", nargs="*", help="prompts (or use --prompt)")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")

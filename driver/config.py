@@ -125,6 +125,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"  # recompute | swap
     async_scheduling: bool = True  # schedule step N+1 while step N runs (hides driver + Ray time)
+    # With async_scheduling, steps queued at once: at 3 a worker finds step N+2 waiting when it
+    # has queued step N+1, so the driver's round trip is off the GPU's path, not only hidden.
+    steps_in_flight: int = 2
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,8 @@ class EngineConfig:
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {s.preemption_mode!r}")
         if s.max_num_seqs < 1 or s.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if s.steps_in_flight < 1:
+            raise ValueError(f"steps_in_flight must be >= 1 (1: no async scheduling), got {s.steps_in_flight}")
         if not s.enable_chunked_prefill and s.max_num_batched_tokens < self.model.max_model_len:
             raise ValueError(
                 f"without chunked prefill max_num_batched_tokens ({s.max_num_batched_tokens}) must be "

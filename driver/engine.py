@@ -1,7 +1,7 @@
 """The engine loop: schedule, broadcast to the workers, update, detokenize, emit.
 
     submit(scheduler.schedule())               # every TP rank runs it; rank 0 replies
-    if async_scheduling:
+    if async_scheduling:                       # (until steps_in_flight are queued: 2)
         submit(scheduler.schedule())           # step N+1, queued while step N runs
     so, result = collect(oldest step)
     groups = scheduler.update_from_output(so, result)
@@ -57,7 +57,8 @@ class LLMEngine:
         self.texts: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self._in_flight: deque = deque()  # (SchedulerOutput, executor handle), oldest first
-        self._max_in_flight = 2 if config.scheduler.async_scheduling else 1
+        s = config.scheduler
+        self._max_in_flight = s.steps_in_flight if s.async_scheduling else 1
         self.dead: Exception | None = None
 
     # ---- requests ----

@@ -20,8 +20,9 @@ every worker appends that token to its own copy (the driver never sends it back)
 Async scheduling: schedule() advances num_computed_tokens at once, and a sequence that
 will sample counts the token as pending (`num_pending`) until update_from_output brings
 it. So step N+1 can be scheduled while step N runs: a decode whose input token is still
-pending is scheduled as usual (the workers already hold that token). At most two steps
-are in flight, and step N is always updated before step N+2 is scheduled.
+pending is scheduled as usual (the workers already hold that token). At most K steps are
+in flight (the engine's steps_in_flight, 2 by default), and step N is always updated
+before step N+K is scheduled: a sequence has at most K tokens pending.
 """
 from __future__ import annotations
 
@@ -245,8 +246,8 @@ class Scheduler:
         bm, slots = self.block_manager, self._num_seq_slots()
         while self.swapped:
             seq = self.swapped[0]
-            # (A token in flight comes before it may resume; by the order of updates
-            # above this never holds one, but resuming without it would lose it.)
+            # (A token in flight comes before it may resume: resuming without it would lose
+            # it. At two steps in flight the order of updates rules this out; at three not.)
             if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs:
                 break
             num_new = self._num_new_tokens(seq, budget)

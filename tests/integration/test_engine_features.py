@@ -91,12 +91,17 @@ def test_cli_help_explains():
     assert proc.returncode == 0
     for flag in ("--tensor-parallel-size", "--max-tokens", "--preemption-mode", "--model"):
         assert flag in proc.stdout
+    text = " ".join(proc.stdout.split())  # (help lines wrap)
+    assert "(default: None)" not in text and "(default: 32) (default" not in text, "defaults said twice"
+    assert "(default: 256)" in text and "(default: 8192)" in text  # the engine's, for flags left unset
 
 
-def test_async_scheduling_gives_the_same_outputs_as_sync(llm, llama_ckpt):
-    """The fixture engine schedules asynchronously (the default); a synchronous one must
-    produce the same tokens for greedy, seeded, penalised, n > 1, stop-string and
-    logprob requests in one batch (the workers keep their own sampled tokens)."""
+@pytest.mark.parametrize("other", [{"async_scheduling": False}, {"steps_in_flight": 3}], ids=["sync", "three"])
+def test_async_scheduling_gives_the_same_outputs_as_sync(llm, llama_ckpt, other):
+    """The fixture engine schedules asynchronously (the default, two steps in flight); a
+    synchronous one, and one with three steps in flight, must produce the same tokens for
+    greedy, seeded, penalised, n > 1, stop-string and logprob requests in one batch (the
+    workers keep their own sampled tokens)."""
     prompts = [PROMPT, "Hello there", "one two three four five six seven", "x"]
     params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=1.0, seed=5, max_tokens=18, ignore_eos=True, n=2,
@@ -108,8 +113,8 @@ def test_async_scheduling_gives_the_same_outputs_as_sync(llm, llama_ckpt):
     prompts.append(PROMPT)
     got = llm.generate(prompts, params, use_tqdm=False)
     with LLM(model=llama_ckpt, tensor_parallel_size=2, device="cpu", dtype="float32", max_model_len=256,
-             num_gpu_blocks=128, async_scheduling=False) as sync_llm:
-        want = sync_llm.generate(prompts, params, use_tqdm=False)
+             num_gpu_blocks=128, **other) as other_llm:
+        want = other_llm.generate(prompts, params, use_tqdm=False)
     for g, w in zip(got, want):
         for a, b in zip(g.outputs, w.outputs):
             assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)

@@ -104,11 +104,12 @@ def cpu_graphs(max_num_seqs: int, max_model_len: int) -> DecodeGraphs:
     return graphs
 
 
-def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> dict:
-    """The engine loop (two steps in flight) over the runner, on the GPU's order of work:
+def run_engine(sched, runner: ModelRunner, seed: int, depth: int = 2, max_steps: int = 3000) -> dict:
+    """The engine loop (`depth` steps in flight) over the runner, on the GPU's order of work:
     the runner prepares step N+1 before step N's tokens arrive. Returns counters."""
     rng, outputs, pending = torch.Generator().manual_seed(seed), {}, deque()
-    seen = dict.fromkeys(["steps", "placeholders", "mixed", "preempted", "graph", "gathered", "in_place"], 0)
+    seen = dict.fromkeys(["steps", "placeholders", "mixed", "preempted", "graph", "gathered", "in_place",
+                          "max_pending"], 0)
 
     def worker_step(so) -> None:
         runner.update_states(so)
@@ -133,10 +134,11 @@ def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> 
     for _ in range(max_steps):
         if not sched.has_unfinished_requests():
             break
-        while len(pending) < 2:
+        while len(pending) < depth:
             so = sched.schedule()
             if so.is_empty:
                 break
+            seen["max_pending"] = max([seen["max_pending"]] + [q.num_pending for q in sched.live_seqs()])
             worker_step(so)
             pending.append(so)
         so = pending.popleft()
@@ -150,9 +152,10 @@ def run_engine(sched, runner: ModelRunner, seed: int, max_steps: int = 3000) -> 
     return seen
 
 
+@pytest.mark.parametrize("depth", [2, 3])  # the engine's steps in flight
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph_inputs"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_prepare_inputs_matches_the_plain_build(seed, graphs):
+def test_prepare_inputs_matches_the_plain_build(seed, graphs, depth):
     random.seed(seed)
     sched = make_sched(num_gpu=NUM_BLOCKS, bs=BS, max_model_len=64, max_num_seqs=6, budget=12)
     prefix = [random.randrange(3, VOCAB) for _ in range(9)]  # shared: prefix-cache hits
@@ -164,9 +167,10 @@ def test_prepare_inputs_matches_the_plain_build(seed, graphs):
     runner.plan_prefill = True  # build the flash plan too (pure numpy)
     if graphs:  # decode-only steps of up to 4 rows (buckets 1, 2, 4) take the graph path
         runner.graphs = cpu_graphs(4, 64)
-    seen = run_engine(sched, runner, seed)
+    seen = run_engine(sched, runner, seed, depth)
     assert seen["steps"] > 20 and seen["placeholders"] and seen["mixed"] and seen["preempted"], seen
     assert seen["gathered"] and seen["in_place"], seen  # prefill plans with and without cached context
+    assert seen["max_pending"] == depth, seen  # a sequence sampling in every step in flight
     assert bool(seen["graph"]) == graphs, seen
 
 

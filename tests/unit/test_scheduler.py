@@ -471,7 +471,7 @@ def _add_op(s: Scheduler, ids: list, op) -> None:
         ids.append(rid)
 
 
-@pytest.mark.parametrize("depth", [1, 2], ids=["sync", "async"])  # steps in flight
+@pytest.mark.parametrize("depth", [1, 2, 3], ids=["sync", "async", "async3"])  # steps in flight
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("chunked", [True, False])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
