@@ -5,10 +5,10 @@ path whenever it exceeds the GPU's step time. This measures them one by one, wit
 running sequences (prompts of --prompt-len tokens, greedy, EOS ignored), all decoding:
 
   driver  schedule       Scheduler.schedule() (blocks, deltas, the SchedulerOutput)
-          pickle         ray.cloudpickle.dumps of that SchedulerOutput (what ray.put does)
+          pickle         pickle.dumps of that SchedulerOutput (what the executor sends)
           update         Scheduler.update_from_output + EngineMetrics.record_step
           outputs        LLMEngine._make_output per touched request (detokenize=False)
-  worker  unpickle       ray.cloudpickle.loads of it (each worker gets its own copy)
+  worker  unpickle       pickle.loads of it (each worker gets its own copy)
           update_states  ModelRunner.update_states
           prepare        ModelRunner.prepare_inputs (the decodes' inputs are placeholders,
                          as on the GPU: the previous step's tokens are still in flight)
@@ -26,13 +26,12 @@ over --steps steps, in ms.
 from __future__ import annotations
 
 import argparse
+import pickle
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-
-import ray.cloudpickle
 
 from benchmarks.common import median, ms, print_table, write_result
 from driver.config import CacheConfig, SchedulerConfig
@@ -103,9 +102,9 @@ def _driver_step(sched, engine, runner, in_flight: list) -> dict:
     a = time.perf_counter()
     so = sched.schedule()
     b = time.perf_counter()
-    data = ray.cloudpickle.dumps(so, protocol=5)  # what ray.put does to it
+    data = pickle.dumps(so, protocol=pickle.HIGHEST_PROTOCOL)  # what the executor sends
     c = time.perf_counter()
-    worker_so = ray.cloudpickle.loads(data)  # each worker's copy
+    worker_so = pickle.loads(data)  # each worker's copy
     t["unpickle"] = time.perf_counter() - c
     outs = _worker_step(runner, worker_so, t)
     in_flight.append(so)

@@ -6,6 +6,12 @@ keeping only steps that decoded the whole batch (no prefill tokens, one token fo
 request): the median over --steps such steps, after --warmup of them. The TP=1 engine
 is shut down before the TP=2 one starts.
 
+Where a step's wall exceeds its GPU time, the host chain is the cause: rank 0's phases
+(`rank0_host`: prepare, forward, wait_prev, sample; `call_gap`: its idle time between two
+calls, i.e. the driver's and Ray's leg) and the driver's (`driver`: schedule + submit,
+collect, update + outputs). With two steps in flight a step's launch waits for call_gap;
+--steps-in-flight 3 queues the next call before it is needed.
+
     python3 -m benchmarks.tp_decode                         # needs 2 GPUs
     python3 -m benchmarks.tp_decode --tps 1,2 --floor       # plus same-run GEMM floors
     python3 -m benchmarks.tp_decode --compare-nccl          # TP>1 also with NCCL all-reduce only
@@ -22,19 +28,20 @@ from benchmarks.common import (add_common_args, make_llm, make_prompts, median, 
 GOAL_RATIO = 1.35
 
 
-def decode_step_times(engine, batch: int, max_steps: int) -> list[tuple[float, float, dict]]:
-    """Step the engine; (wall, rank 0's GPU seconds, rank 0's host phase seconds) of
-    each step that decoded all `batch` requests (no prefill tokens, one sampled token
-    per request)."""
+def decode_step_times(engine, batch: int, max_steps: int) -> list[tuple[float, float, dict, dict]]:
+    """Step the engine; (wall, rank 0's GPU seconds, rank 0's host phase seconds, the
+    driver's phase seconds) of each step that decoded all `batch` requests (no prefill
+    tokens, one sampled token per request)."""
     m, times = engine.metrics, []
+    delta = lambda now, before: {k: v - before.get(k, 0.0) for k, v in now.items()}
     while engine.has_unfinished_requests() and len(times) < max_steps:
-        prompt0, gen0, gpu0, phases0 = m.num_prompt_tokens, m.num_generated_tokens, m.gpu_time_s, dict(m.phase_time_s)
+        prompt0, gen0, gpu0 = m.num_prompt_tokens, m.num_generated_tokens, m.gpu_time_s
+        phases0, driver0 = dict(m.phase_time_s), dict(m.driver_time_s)
         t = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t
         if m.num_prompt_tokens == prompt0 and m.num_generated_tokens - gen0 == batch:
-            phases = {k: v - phases0.get(k, 0.0) for k, v in m.phase_time_s.items()}
-            times.append((dt, m.gpu_time_s - gpu0, phases))
+            times.append((dt, m.gpu_time_s - gpu0, delta(m.phase_time_s, phases0), delta(m.driver_time_s, driver0)))
     return times
 
 
@@ -50,12 +57,13 @@ def measure(args, tp: int, nccl_only: bool = False) -> dict:
         rows = decode_step_times(engine, args.batch, args.warmup + args.steps)[args.warmup:]
     if len(rows) < args.steps:
         raise RuntimeError(f"tp={tp}: only {len(rows)} full-batch decode steps; raise max tokens")
-    times = [wall for wall, _, _ in rows]
-    host = {k.removesuffix("_s") + "_ms_mean": ms(sum(p.get(k, 0.0) for _, _, p in rows) / len(rows))
-            for k in rows[0][2] if k != "gpu_step_s"}
+    times = [wall for wall, *_ in rows]
+    mean_ms = lambda i, k: ms(sum(r[i].get(k, 0.0) for r in rows) / len(rows))
+    host = {k.removesuffix("_s") + "_ms_mean": mean_ms(2, k) for k in rows[0][2] if k != "gpu_step_s"}
+    driver = {k.removesuffix("_s") + "_ms_mean": mean_ms(3, k) for k in rows[0][3]}
     return {"tp": tp, "all_reduce": "custom" if custom else ("nccl" if args.device == "cuda" else "gloo"), "step_ms_p50": ms(median(times)), "step_ms_min": ms(min(times)),
-            "step_ms_max": ms(max(times)), "gpu_ms_p50": ms(median([g for _, g, _ in rows])),
-            "steps": len(rows), "rank0_host": host}
+            "step_ms_max": ms(max(times)), "gpu_ms_p50": ms(median([g for _, g, *_ in rows])),
+            "steps": len(rows), "rank0_host": host, "driver": driver}
 
 
 def main() -> None:
@@ -89,11 +97,11 @@ def main() -> None:
                                             "max_model_len", "enforce_eager", "steps_in_flight")}
     write_result("tp_decode", {"config": config, "goal_tp1_over_tp2": GOAL_RATIO,
                                "results": {"rows": rows, "tp1_over_tp2": ratio}}, args.out, args.device)
-    print_table(["tp", "all_reduce", "step_ms_p50", "step_ms_min", "gpu_ms_p50", "rank0_host_ms", "floor_ms",
-                 "step/floor"],
+    print_table(["tp", "all_reduce", "step_ms_p50", "step_ms_min", "gpu_ms_p50", "rank0_host_ms", "call_gap_ms",
+                 "floor_ms", "step/floor"],
                 [[r["tp"], r["all_reduce"], r["step_ms_p50"], r["step_ms_min"], r["gpu_ms_p50"],
-                  r["rank0_host"].get("worker_step_ms_mean"), r.get("floor_ms"),
-                  r.get("step_over_floor")]
+                  r["rank0_host"].get("worker_step_ms_mean"), r["rank0_host"].get("call_gap_ms_mean"),
+                  r.get("floor_ms"), r.get("step_over_floor")]
                  for r in rows])
     print(f"tp1/tp2 decode step: {ratio} (goal >= {GOAL_RATIO})")
 

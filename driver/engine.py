@@ -108,10 +108,16 @@ class LLMEngine:
         if not self._in_flight:
             return []
         so, handle = self._in_flight.popleft()
+        submitted = time.perf_counter()
         result = self._call(self.executor.collect, handle)
+        collected = time.perf_counter()
         groups = self.scheduler.update_from_output(so, result)
-        self.metrics.record_step(so, result, time.perf_counter() - start, self.scheduler)
-        return [self._make_output(g) for g in groups]
+        outputs = [self._make_output(g) for g in groups]
+        end = time.perf_counter()
+        self.metrics.record_step(so, result, end - start, self.scheduler)
+        self.metrics.record_driver({"schedule_submit_s": submitted - start, "collect_s": collected - submitted,
+                                    "update_outputs_s": end - collected})
+        return outputs
 
     def _call(self, fn, arg):
         try:

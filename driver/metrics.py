@@ -18,6 +18,7 @@ class EngineMetrics:
     num_finished: int = 0
     step_time_s: float = 0.0  # wall time of engine.step() (async: its share of overlapped steps)
     phase_time_s: dict = field(default_factory=dict)  # rank 0's time per step phase, summed
+    driver_time_s: dict = field(default_factory=dict)  # the driver's time per step phase, summed
     _last_log: float = field(default_factory=time.monotonic)
     _window: list = field(default_factory=lambda: [0, 0])  # prompt, generated tokens since last log
 
@@ -43,6 +44,10 @@ class EngineMetrics:
                         100 * scheduler.block_manager.prefix_cache_hit_rate)
             self._last_log, self._window = now, [0, 0]
 
+    def record_driver(self, phases: dict[str, float]) -> None:
+        for key, value in phases.items():
+            self.driver_time_s[key] = self.driver_time_s.get(key, 0.0) + value
+
     @property
     def gpu_time_s(self) -> float:
         """Rank 0's device time, summed over steps: each step's span on the device (on a
@@ -57,4 +62,5 @@ class EngineMetrics:
                 "generated_tokens": self.num_generated_tokens, "finished_requests": self.num_finished,
                 "mean_step_s": self.step_time_s / max(self.num_steps, 1),
                 "mean_gpu_step_s": self.gpu_time_s / max(self.num_steps, 1),
-                "total_step_s": self.step_time_s, "worker_phase_total_s": dict(self.phase_time_s)}
+                "total_step_s": self.step_time_s, "worker_phase_total_s": dict(self.phase_time_s),
+                "driver_phase_total_s": dict(self.driver_time_s)}

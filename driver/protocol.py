@@ -60,9 +60,9 @@ class SchedulerOutput:
         return not (self.req_ids or self.finished_req_ids or self.blocks_to_swap_out)
 
     def __reduce__(self):
-        # ray.put pickles with cloudpickle, which calls back into Python for every object
-        # it saves (~1.7 us per CachedRequestData): the deltas travel as flat lists instead
-        # and are rebuilt on arrival. Equal object before and after.
+        # Pickling goes back into Python for every object it saves (~1.7 us per
+        # CachedRequestData under cloudpickle): the deltas travel as flat lists instead and
+        # are rebuilt on arrival. Equal object before and after.
         c = self.cached_reqs
         flat = ([d.req_id for d in c], [d.new_block_ids for d in c], [d.num_computed_tokens for d in c])
         return _rebuild_scheduler_output, (flat, *[getattr(self, name) for name in _OTHER_FIELDS])

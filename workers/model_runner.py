@@ -88,6 +88,7 @@ class ModelRunner:
         self.staging = StagingBuffer(device)
         self.graphs: DecodeGraphs | None = None  # set by capture_graphs (GPU, not enforce_eager)
         self._prev: _StepInFlight | None = None  # queued, its output not yet returned
+        self._returned_at: float | None = None  # when execute_model last returned
         key_cache = kv_caches[0][0] if kv_caches else None
         # Plan the prefill gather on the host (no per-layer host syncs) where flash runs it.
         self.plan_prefill = key_cache is not None and flash_supported(key_cache.dtype, key_cache.shape[-1],
@@ -196,6 +197,8 @@ class ModelRunner:
         """Queue step `so` on the device; return the outputs of the steps finished now: the
         one queued before it (GPU) or this one (CPU). None on ranks other than 0."""
         timer = _StepTimer(self.device)
+        if self._returned_at is not None:  # idle since the last call: the driver's and Ray's leg
+            timer.timings["call_gap_s"] = timer.start - self._returned_at
         self.update_states(so)
         prev, self._prev = self._prev, None
         logits, inputs = None, None
@@ -210,12 +213,14 @@ class ModelRunner:
         if self.device.type == "cpu":  # nothing to overlap: answer now
             outs.append(self._finish(self._prev))
             self._prev = None
+        self._returned_at = time.perf_counter()
         return self._rank0([o for o in outs if o is not None])
 
     def flush(self) -> list[ModelRunnerOutput] | None:
         """The output of the last queued step, if not returned yet. None on other ranks."""
         prev, self._prev = self._prev, None
         out = self._finish(prev)
+        self._returned_at = time.perf_counter()
         return self._rank0([out] if out is not None else [])
 
     def _rank0(self, outs: list) -> list | None:

@@ -96,6 +96,17 @@ def test_cli_help_explains():
     assert "(default: 256)" in text and "(default: 8192)" in text  # the engine's, for flags left unset
 
 
+def test_steps_through_the_object_store_give_the_same_tokens(llm, monkeypatch):
+    """A small step message travels inside each rank's call, a large one through the object
+    store (once for all ranks): both reach the workers whole."""
+    from executor import ray_executor
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [PROMPT, "Hello there"]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setattr(ray_executor, "INLINE_MAX_BYTES", 0)  # every step message through ray.put
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+
+
 @pytest.mark.parametrize("other", [{"async_scheduling": False}, {"steps_in_flight": 3}], ids=["sync", "three"])
 def test_async_scheduling_gives_the_same_outputs_as_sync(llm, llama_ckpt, other):
     """The fixture engine schedules asynchronously (the default, two steps in flight); a
