@@ -405,27 +405,5 @@ class Scheduler:
     def live_seqs(self) -> list[Sequence]:
         return self.running + self.swapped + self.waiting
 
-    def check_invariants(self) -> None:
-        """Assert queue/status agreement, table coverage and exact block refcounts."""
-        bm = self.block_manager
-        for status, queue in ((_S.RUNNING, self.running), (_S.SWAPPED, self.swapped),
-                              (_S.WAITING, self.waiting)):
-            assert queue == sorted(queue, key=self._key), f"{status} queue out of order"
-            for seq in queue:
-                assert seq.status is status, f"{seq.seq_id} is {seq.status} in the {status} queue"
-                assert bm.is_swapped_out(seq) == (status is _S.SWAPPED)
-                assert len(seq.block_table) * self.block_size >= seq.num_computed_tokens
-                assert seq.num_computed_tokens <= seq.num_tokens + seq.num_pending
-        for seq in self.waiting:
-            assert not seq.block_table and seq.num_computed_tokens == 0, f"{seq.seq_id} waits holding blocks"
-        pending: dict[Sequence, int] = {}
-        for entries in self._in_flight.values():
-            for seq, _, samples in entries:
-                pending[seq] = pending.get(seq, 0) + samples
-        for seq in self.live_seqs():
-            assert seq.num_pending == pending.get(seq, 0), f"{seq.seq_id}: pending count off"
-        assert self._num_seq_slots() <= self.config.max_num_seqs
-        bm.check_invariants(self.live_seqs())
-
 
 __all__ = ["Scheduler"]

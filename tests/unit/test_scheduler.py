@@ -94,9 +94,32 @@ def fake_step(sched: Scheduler, so, token=7, worker: FakeWorker | None = None) -
     return ids
 
 
+def check_invariants(sched: Scheduler) -> None:
+    """The scheduler's invariants: queue/status agreement, table coverage and exact block refcounts."""
+    bm = sched.block_manager
+    for status, queue in ((_S.RUNNING, sched.running), (_S.SWAPPED, sched.swapped),
+                          (_S.WAITING, sched.waiting)):
+        assert queue == sorted(queue, key=sched._key), f"{status} queue out of order"
+        for seq in queue:
+            assert seq.status is status, f"{seq.seq_id} is {seq.status} in the {status} queue"
+            assert bm.is_swapped_out(seq) == (status is _S.SWAPPED)
+            assert len(seq.block_table) * sched.block_size >= seq.num_computed_tokens
+            assert seq.num_computed_tokens <= seq.num_tokens + seq.num_pending
+    for seq in sched.waiting:
+        assert not seq.block_table and seq.num_computed_tokens == 0, f"{seq.seq_id} waits holding blocks"
+    pending: dict = {}  # seq -> tokens its steps in flight sample
+    for entries in sched._in_flight.values():
+        for seq, _, samples in entries:
+            pending[seq] = pending.get(seq, 0) + samples
+    for seq in sched.live_seqs():
+        assert seq.num_pending == pending.get(seq, 0), f"{seq.seq_id}: pending count off"
+    assert sched._num_seq_slots() <= sched.config.max_num_seqs
+    bm.check_invariants(sched.live_seqs())
+
+
 def check(sched: Scheduler, so=None) -> None:
     """Invariants after any operation; for a fresh `so` also the batch limits and order."""
-    sched.check_invariants()
+    check_invariants(sched)
     a = sched.block_manager.gpu
     assert a.prefix_cache_hits <= a.prefix_cache_queries
     if so is not None:
@@ -119,7 +142,7 @@ def batch(so) -> list[tuple[str, int]]:
 
 
 def assert_all_free(sched: Scheduler) -> None:
-    sched.check_invariants()
+    check_invariants(sched)
     bm = sched.block_manager
     assert (bm.num_free_gpu_blocks, bm.num_free_cpu_blocks) == (bm.gpu.num_blocks, bm.cpu.num_blocks)
 
@@ -377,7 +400,7 @@ def test_add_request_errors():
             add(s, rid, prompt, **kw)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         make_sched(budget=8, max_model_len=16, chunked=False)
-    s.check_invariants()
+    check_invariants(s)
 
 
 # ---- 7. Async scheduling: step N+1 scheduled before step N's tokens are known ---------------
