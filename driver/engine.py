@@ -1,7 +1,7 @@
 """The engine loop: schedule, broadcast to the workers, update, detokenize, emit.
 
     submit(scheduler.schedule())               # every TP rank runs it; rank 0 replies
-    if async_scheduling:                       # (until steps_in_flight are queued: 2)
+    if async_scheduling:                       # (and on, until steps_in_flight, 2, are queued)
         submit(scheduler.schedule())           # step N+1, queued while step N runs
     so, result = collect(oldest step)
     groups = scheduler.update_from_output(so, result)
