@@ -8,6 +8,17 @@
 // key/value may be strided over tokens (e.g. views into a fused qkv output);
 // within a token the heads must be contiguous (stride D, then 1).
 
+// Word i of packed row t (i over Hk * words_per_head) <-> its word in a paged cache at
+// slot (block * block_size + offset): the one index both copies share.
+__device__ __forceinline__ long long cache_word(long long slot, int i, int num_kv_heads, int block_size,
+                                                int words_per_head) {
+  const long long blk = slot / block_size;
+  const int off = (int)(slot - blk * block_size);
+  const int h = i / words_per_head;
+  const int w = i - h * words_per_head;
+  return ((blk * num_kv_heads + h) * block_size + off) * (long long)words_per_head + w;
+}
+
 template <typename W>
 __global__ void __launch_bounds__(256)
 reshape_and_cache_kernel(
@@ -22,13 +33,8 @@ reshape_and_cache_kernel(
   const int t = blockIdx.x;
   const long long slot = slot_mapping[t];
   if (slot < 0) return;
-  const long long blk = slot / block_size;
-  const int off = (int)(slot - blk * block_size);
-  const int row_words = num_kv_heads * words_per_head;
-  for (int i = threadIdx.x; i < row_words; i += blockDim.x) {
-    const int h = i / words_per_head;
-    const int w = i - h * words_per_head;
-    const long long dst = ((blk * num_kv_heads + h) * block_size + off) * (long long)words_per_head + w;
+  for (int i = threadIdx.x; i < num_kv_heads * words_per_head; i += blockDim.x) {
+    const long long dst = cache_word(slot, i, num_kv_heads, block_size, words_per_head);
     key_cache[dst] = key[t * key_stride + i];
     value_cache[dst] = value[t * value_stride + i];
   }
@@ -48,13 +54,9 @@ gather_cache_kernel(
     int num_kv_heads, int block_size, int words_per_head) {
   const long long t = blockIdx.x;
   const long long slot = slots[t];
-  const long long blk = slot / block_size;
-  const int off = (int)(slot - blk * block_size);
   const int row_words = num_kv_heads * words_per_head;
   for (int i = threadIdx.x; i < row_words; i += blockDim.x) {
-    const int h = i / words_per_head;
-    const int w = i - h * words_per_head;
-    const long long src = ((blk * num_kv_heads + h) * block_size + off) * (long long)words_per_head + w;
+    const long long src = cache_word(slot, i, num_kv_heads, block_size, words_per_head);
     key[t * row_words + i] = key_cache[src];
     value[t * row_words + i] = value_cache[src];
   }

@@ -215,23 +215,29 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     if t == 0:
         return None
     key, value = _heads_view(key), _heads_view(value)
-    slot_mapping = slot_mapping.to(torch.int64).contiguous()
     ks = key.stride(0) if t > 1 else hk * d
     vs = value.stride(0) if t > 1 else hk * d
-    row_bytes = d * esize
-    if (row_bytes % 16 == 0 and (ks * esize) % 16 == 0 and (vs * esize) % 16 == 0
-            and all(_aligned(x) for x in (key, value, key_cache, value_cache))):
-        word, wsize = "uint4", 16
-    else:
-        word, wsize = ("unsigned short", 2) if esize == 2 else ("unsigned int", 4)
-    wph = row_bytes // wsize
-    dev = _dev(key)
-    k = _kernel("cache_kernels.cu", f"reshape_and_cache_kernel<{word}>", dev)
-    threads = _round32(hk * wph, 256)
-    _launch(k, dev, (t,), (threads,),
-            (_p(key), _p(value), _p(key_cache), _p(value_cache), _p(slot_mapping),
-             _i64(ks * esize // wsize), _i64(vs * esize // wsize), _i32(hk), _i32(bs), _i32(wph)))
+    word, wsize = _cache_word(d * esize, esize, (ks * esize, vs * esize), (key, value, key_cache, value_cache))
+    args = (_p(key), _p(value), _p(key_cache), _p(value_cache), _p(slot_mapping.to(torch.int64).contiguous()),
+            _i64(ks * esize // wsize), _i64(vs * esize // wsize))
+    _launch_cache_copy("reshape_and_cache_kernel", word, _dev(key), t, args, hk, bs, d * esize // wsize)
     return None
+
+
+def _cache_word(row_bytes: int, esize: int, strides: tuple[int, ...], tensors: tuple) -> tuple[str, int]:
+    """The word the cache copies move: 16 bytes where every head row starts 16-byte aligned
+    (row size, token strides in bytes, base pointers), else one element."""
+    if row_bytes % 16 == 0 and all(s % 16 == 0 for s in strides) and all(_aligned(x) for x in tensors):
+        return "uint4", 16
+    return ("unsigned short", 2) if esize == 2 else ("unsigned int", 4)
+
+
+def _launch_cache_copy(name: str, word: str, dev: int, rows: int, args: tuple, hk: int, block_size: int,
+                       words_per_head: int) -> None:
+    """One CTA per packed row, one thread per word of its Hk head rows (ops/cache_kernels.cu)."""
+    k = _kernel("cache_kernels.cu", f"{name}<{word}>", dev)
+    _launch(k, dev, (rows,), (_round32(hk * words_per_head, 256),),
+            (*args, _i32(hk), _i32(block_size), _i32(words_per_head)))
 
 
 def gather_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -252,17 +258,9 @@ def gather_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
     value = torch.empty_like(key)
     if n == 0:
         return key, value
-    row_bytes = d * esize
-    if row_bytes % 16 == 0 and _aligned(key_cache) and _aligned(value_cache):
-        word, wsize = "uint4", 16
-    else:
-        word, wsize = ("unsigned short", 2) if esize == 2 else ("unsigned int", 4)
-    wph = row_bytes // wsize
-    dev = _dev(key_cache)
-    k = _kernel("cache_kernels.cu", f"gather_cache_kernel<{word}>", dev)
-    _launch(k, dev, (n,), (_round32(hk * wph, 256),),
-            (_p(key_cache), _p(value_cache), _p(key), _p(value), _p(slots.to(torch.int64).contiguous()),
-             _i32(hk), _i32(bs), _i32(wph)))
+    word, wsize = _cache_word(d * esize, esize, (), (key_cache, value_cache))
+    args = (_p(key_cache), _p(value_cache), _p(key), _p(value), _p(slots.to(torch.int64).contiguous()))
+    _launch_cache_copy("gather_cache_kernel", word, _dev(key_cache), n, args, hk, bs, d * esize // wsize)
     return key, value
 
 

@@ -80,15 +80,14 @@ def flash_prefill(query: torch.Tensor, key: torch.Tensor | None, value: torch.Te
     return o if out is None else out.copy_(o)
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-              cu_k: torch.Tensor, total_k: int) -> torch.Tensor:
-    """[total_k, Hk, D]: positions [0, ctx_b) of every sequence b, packed in order."""
-    bs = cache.shape[2]
-    seq = torch.repeat_interleave(torch.arange(context_lens.shape[0], device=cache.device),
+def context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor, cu_k: torch.Tensor,
+                  total_k: int, block_size: int) -> torch.Tensor:
+    """[total_k] int64: the cache slots of positions [0, ctx_b) of every sequence b, packed
+    in order (plan_prefill's kv_slots, derived on the device)."""
+    seq = torch.repeat_interleave(torch.arange(context_lens.shape[0], device=cu_k.device),
                                   context_lens.long(), output_size=total_k)  # [total_k]
-    pos = torch.arange(total_k, device=cache.device) - cu_k[:-1].long()[seq]
-    blocks = block_tables.long()[seq, pos // bs]
-    return cache[blocks, :, pos % bs]  # advanced indices on dims 0, 2 -> [total_k, Hk, D]
+    pos = torch.arange(total_k, device=cu_k.device) - cu_k[:-1].long()[seq]
+    return block_tables.long()[seq, pos // block_size] * block_size + pos % block_size
 
 
 def flash_varlen_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -100,12 +99,9 @@ def flash_varlen_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     host = torch.stack([cu_k[-1], context_lens.max(), q_lens.max()]).tolist()  # the one sync
     total_k, max_k, max_q = (int(x) for x in host)
-    k = gather_kv(key_cache, block_tables, context_lens, cu_k, total_k)
-    v = gather_kv(value_cache, block_tables, context_lens, cu_k, total_k)
-    out = torch.ops.aten._flash_attention_forward(
-        query.contiguous(), k, v, query_start_loc.to(torch.int32), cu_k, max_q, max_k,
-        0.0, True, False, scale=scale)[0]
-    return out.view_as(query)
+    slots = context_slots(block_tables, context_lens, cu_k, total_k, key_cache.shape[2])
+    plan = PrefillPlan(query_start_loc.to(torch.int32), cu_k, slots, max_q, max_k)
+    return flash_prefill(query, None, None, key_cache, value_cache, plan, scale)
 
 
 def _gather_sequence(cache: torch.Tensor, blocks: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -152,4 +148,4 @@ def sdpa_per_sequence(query, key_cache, value_cache, block_tables, query_start_l
 
 
 __all__ = ["PrefillPlan", "flash_available", "flash_supported", "flash_prefill", "flash_varlen_prefill",
-           "gather_kv", "plan_prefill", "sdpa_per_sequence"]
+           "context_slots", "plan_prefill", "sdpa_per_sequence"]

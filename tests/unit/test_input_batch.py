@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ops.prefill_attention import context_slots
 from tests.unit.test_scheduler import add, make_sched
 from workers.cuda_graphs import DecodeGraphs
 from workers.input_batch import PLACEHOLDER, BlockTables, num_leading_decodes
@@ -83,6 +84,10 @@ def check_inputs(runner: ModelRunner, so, prev) -> object:
         assert len(plan) == len(want["plan"])
         assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(plan, want["plan"]))
         assert m.prefill.max_q == max(so.num_scheduled_tokens[want["num_decodes"]:])
+        if m.prefill.kv_slots is not None:  # the unplanned flash path derives the same slots on the device
+            nd, cu_k = want["num_decodes"], m.prefill.cu_k
+            slots = context_slots(tables[nd:], m.context_lens[nd:], cu_k, int(cu_k[-1]), BS)
+            assert torch.equal(slots, m.prefill.kv_slots)
     else:
         assert m.prefill is None
     return got
