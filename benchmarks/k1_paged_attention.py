@@ -204,44 +204,7 @@ def run(args) -> tuple[dict, list[dict]]:
         row = {"context": ctx, "batch": args.batch, "kv_MB": round(kv_bytes / 1e6, 1),
                "cache_sets_MB": round(2 * inp.kc.numel() * inp.kc.element_size() / 1e6, 1)}
         if cuda:
-            default = (K.DECODE_NUM_WARPS, K.DECODE_STAGES)
-            configs = [(default, None)]
-            if args.sweep:
-                configs += [(c, None) for c in SWEEP if c != default] + [(default, 2)]
-            results = []
-            for (nw, st), parts in configs:
-                K.DECODE_NUM_WARPS, K.DECODE_STAGES = nw, st
-                fn = lambda i, p=parts: K.paged_attention_decode(
-                    inp.q[i % args.sets], inp.kc, inp.vc, inp.bt[i % args.sets], inp.ctx_lens,
-                    inp.scale, max_context_len=ctx, num_parts=p)
-                try:
-                    t = time_graph(fn, args.calls, args.reps, args.warmup)
-                except Exception as e:  # a config that does not launch (e.g. shared memory)
-                    print(f"  ctx {ctx} config {nw}w/{st}s parts={parts}: {type(e).__name__}: {e}")
-                    continue
-                results.append({"num_warps": nw, "stages": st, "parts": parts or "auto",
-                                "us": round(t * 1e6, 2), "GBps": round(kv_bytes / t / 1e9, 1)})
-            K.DECODE_NUM_WARPS, K.DECODE_STAGES = default
-            main = results[0]
-            t = main["us"] / 1e6
-            auto_parts = K.decode_partitions(args.batch, args.kv_heads, inp.group, ctx,
-                                             args.block_size, info["sm_count"])
-            out = K.paged_attention_decode(inp.q[0], inp.kc, inp.vc, inp.bt[0], inp.ctx_lens,
-                                           inp.scale, max_context_len=ctx)
-            want = ref.paged_attention_decode(inp.q[0].float(), inp.kc, inp.vc, inp.bt[0],
-                                              inp.ctx_lens, inp.scale, ctx)
-            err = ((out.float() - want.float()).norm() / want.float().norm()).item()
-            eager = time_eager(lambda i: K.paged_attention_decode(
-                inp.q[i], inp.kc, inp.vc, inp.bt[i], inp.ctx_lens, inp.scale, max_context_len=ctx),
-                args.sets, args.reps, "cuda")
-            row.update(kernel_us=main["us"], kernel_GBps=main["GBps"],
-                       pct_copy=round(100 * main["GBps"] / info["copy_GBps"], 1),
-                       parts=auto_parts, rel_err=float(f"{err:.3g}"),
-                       eager_call_us=round(eager * 1e6, 1))
-            if args.sweep:
-                best = max(results, key=lambda r: r["GBps"])
-                row.update(sweep=results, best=best,
-                           best_pct_copy=round(100 * best["GBps"] / info["copy_GBps"], 1))
+            row.update(kernel_row(args, K, inp, ctx, kv_bytes, info))
         sdpa = time_eager(inp.sdpa_gather, args.sets, args.torch_reps, args.device)
         row.update(sdpa_gather_us=round(sdpa * 1e6, 1),
                    sdpa_gather_GBps=round(kv_bytes / sdpa / 1e9, 1))
@@ -259,6 +222,50 @@ def run(args) -> tuple[dict, list[dict]]:
         info["split_check"] = split_check(args, dtype, K, info)
         info["host_us_per_call"] = host_overhead(dtype)
     return info, rows
+
+
+def kernel_row(args, K, inp, ctx: int, kv_bytes: int, info: dict) -> dict:
+    """Our kernel at one context length: graph-timed (and, with --sweep, every config),
+    its error against the reference, its eager call time."""
+    row = {}
+    default = (K.DECODE_NUM_WARPS, K.DECODE_STAGES)
+    configs = [(default, None)]
+    if args.sweep:
+        configs += [(c, None) for c in SWEEP if c != default] + [(default, 2)]
+    results = []
+    for (nw, st), parts in configs:
+        K.DECODE_NUM_WARPS, K.DECODE_STAGES = nw, st
+        fn = lambda i, p=parts: K.paged_attention_decode(
+            inp.q[i % args.sets], inp.kc, inp.vc, inp.bt[i % args.sets], inp.ctx_lens,
+            inp.scale, max_context_len=ctx, num_parts=p)
+        try:
+            t = time_graph(fn, args.calls, args.reps, args.warmup)
+        except Exception as e:  # a config that does not launch (e.g. shared memory)
+            print(f"  ctx {ctx} config {nw}w/{st}s parts={parts}: {type(e).__name__}: {e}")
+            continue
+        results.append({"num_warps": nw, "stages": st, "parts": parts or "auto",
+                        "us": round(t * 1e6, 2), "GBps": round(kv_bytes / t / 1e9, 1)})
+    K.DECODE_NUM_WARPS, K.DECODE_STAGES = default
+    main = results[0]
+    auto_parts = K.decode_partitions(args.batch, args.kv_heads, inp.group, ctx,
+                                     args.block_size, info["sm_count"])
+    out = K.paged_attention_decode(inp.q[0], inp.kc, inp.vc, inp.bt[0], inp.ctx_lens,
+                                   inp.scale, max_context_len=ctx)
+    want = ref.paged_attention_decode(inp.q[0].float(), inp.kc, inp.vc, inp.bt[0],
+                                      inp.ctx_lens, inp.scale, ctx)
+    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    eager = time_eager(lambda i: K.paged_attention_decode(
+        inp.q[i], inp.kc, inp.vc, inp.bt[i], inp.ctx_lens, inp.scale, max_context_len=ctx),
+        args.sets, args.reps, "cuda")
+    row.update(kernel_us=main["us"], kernel_GBps=main["GBps"],
+               pct_copy=round(100 * main["GBps"] / info["copy_GBps"], 1),
+               parts=auto_parts, rel_err=float(f"{err:.3g}"),
+               eager_call_us=round(eager * 1e6, 1))
+    if args.sweep:
+        best = max(results, key=lambda r: r["GBps"])
+        row.update(sweep=results, best=best,
+                   best_pct_copy=round(100 * best["GBps"] / info["copy_GBps"], 1))
+    return row
 
 
 def host_overhead(dtype, calls: int = 300) -> dict:

@@ -151,11 +151,20 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
         parts = decode_partitions(bsz, hk, group, max_context_len, bs, _sm_count(dev))
     else:
         parts = max(1, min(num_parts, -(-max_context_len // bs)))
-    nw, st = DECODE_NUM_WARPS, DECODE_STAGES
-    smem = max(nw * st * 2 * 16 * d * 2, nw * 16 * (d + 4) * 4 + nw * 16 * 2 * 4)
-    ct = _CTYPE[query.dtype]
     shared = (_p(query), _p(key_cache), _p(value_cache), _p(block_tables), _p(context_lens), _i32(hk),
               _i32(group), _i32(n_sub), _i32(max_blocks), _i64(q_stride), np.float32(scale * math.log2(math.e)))
+    _launch_decode(out, shared, context_lens, hk * n_sub, parts, bs, max_blocks, enable_pdl)
+    return out
+
+
+def _launch_decode(out: torch.Tensor, shared: tuple, context_lens: torch.Tensor, heads_grid: int, parts: int,
+                   bs: int, max_blocks: int, enable_pdl: bool) -> None:
+    """The decode kernel over a [heads_grid, batch, parts] grid (shared: the arguments every
+    variant takes, after its outputs); a split that no cluster merges gets the reduce kernel."""
+    bsz, hq, d = out.shape
+    dev, ct = _dev(out), _CTYPE[out.dtype]
+    nw, st = DECODE_NUM_WARPS, DECODE_STAGES
+    smem = max(nw * st * 2 * 16 * d * 2, nw * 16 * (d + 4) * 4 + nw * 16 * 2 * 4)
     no_parts = (np.uint64(0),) * 3
     name = f"paged_attention_decode_kernel<{ct}, {d}, {bs}, {nw}, {st}>"
     cl = _cluster_size(parts, dev) if bsz == 1 and parts > 1 else 0
@@ -163,19 +172,17 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor, value_c
         if cl:
             name = f"paged_attention_decode_cluster_kernel<{ct}, {d}, {bs}, {nw}, {st}, {cl}>"
             smem += (16 * d + 32) * 4  # the CTA's partition result, read by its peers
-        _launch(_kernel(_SOURCE, name, dev, smem), dev, (hk * n_sub, bsz, max(1, cl)), (nw * 32,),
+        _launch(_kernel(_SOURCE, name, dev, smem), dev, (heads_grid, bsz, max(1, cl)), (nw * 32,),
                 (_p(out), *no_parts, *shared), smem, pdl=enable_pdl)
-        return out
-    k = _kernel(_SOURCE, name, dev, smem)
-    part_out = torch.empty((bsz, hq, parts, d), dtype=torch.float32, device=query.device)
-    part_ms = torch.empty((2, bsz, hq, parts), dtype=torch.float32, device=query.device)
-    _launch(k, dev, (hk * n_sub, bsz, parts), (nw * 32,),
+        return
+    part_out = torch.empty((bsz, hq, parts, d), dtype=torch.float32, device=out.device)
+    part_ms = torch.empty((2, bsz, hq, parts), dtype=torch.float32, device=out.device)
+    _launch(_kernel(_SOURCE, name, dev, smem), dev, (heads_grid, bsz, parts), (nw * 32,),
             (_p(out), _p(part_out), _p(part_ms[0]), _p(part_ms[1]), *shared), smem, pdl=enable_pdl)
     r = _kernel(_SOURCE, f"paged_attention_reduce_kernel<{ct}, {d}>", dev, parts * 4)
     _launch(r, dev, (hq, bsz), (128,),
             (_p(out), _p(part_out), _p(part_ms[0]), _p(part_ms[1]), _p(context_lens),
              _i32(parts), _i32(bs), _i32(max_blocks * bs)), parts * 4)
-    return out
 
 
 def _cluster_size(parts: int, dev: int) -> int:
