@@ -84,14 +84,6 @@ class GraphInputs:
 
         staging.copy_into(self.dev, fill, self.nbytes)
 
-    def fill_placeholders(self, b: int, num_gathers: int, prev_tokens: torch.Tensor) -> None:
-        """input_ids of the rows whose token the previous step sampled, from its tokens."""
-        if num_gathers == b:  # every row (gather_rows is 0..b-1): one kernel
-            torch.index_select(prev_tokens, 0, self.gather_src[:b], out=self.input_ids[:b])
-        elif num_gathers:
-            src = prev_tokens.index_select(0, self.gather_src[:num_gathers])
-            self.input_ids.index_copy_(0, self.gather_rows[:num_gathers], src)
-
     def meta(self, b: int, max_context_len: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],

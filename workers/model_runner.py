@@ -70,6 +70,17 @@ class _StepInFlight:
     timer: "_StepTimer"
 
 
+def _fill_placeholders(input_ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor,
+                       prev: _StepInFlight | None) -> None:
+    """input_ids[rows] = the previous step's sampled tokens[src], still on the device. rows
+    ascend, so as many rows as inputs means every row: one kernel instead of two."""
+    assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
+    if rows.shape[0] == input_ids.shape[0]:
+        torch.index_select(prev.tokens, 0, src, out=input_ids)
+    else:
+        input_ids.index_copy_(0, rows, prev.tokens.index_select(0, src))
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list, block_size: int,
                  device: torch.device, rank: int, seed: int = 0, max_model_len: int | None = None):
@@ -150,8 +161,7 @@ class ModelRunner:
                                max_k=int(r.context_lens[num_decodes:].max()))
             extra = extra[len(planned):]
         if extra:
-            assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
-            ids.index_copy_(0, extra[0], prev.tokens.index_select(0, extra[1]))
+            _fill_placeholders(ids, extra[0], extra[1], prev)
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=ctx,
                                  query_start_loc=qsl, num_decodes=int(num_decodes),
                                  max_query_len=max(num_scheduled),
@@ -166,8 +176,8 @@ class ModelRunner:
         x, b = self.graphs.inputs[bucket], len(states)
         x.stage(self.staging, r, self.block_tables.gather(table_rows))
         if len(r.gather_rows):
-            assert prev is not None and prev.tokens is not None, "a placeholder with no step in flight"
-            x.fill_placeholders(b, len(r.gather_rows), prev.tokens)
+            n = len(r.gather_rows)
+            _fill_placeholders(x.input_ids[:b], x.gather_rows[:n], x.gather_src[:n], prev)
         return StepInputs(x.input_ids[:b], x.positions[:b], x.meta(b, self.graphs.max_model_len),
                           x.sample_rows[:len(r.sample_rows)], r.sample_ids, len(r.sample_rows) == b, bucket)
 
