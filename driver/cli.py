@@ -1,4 +1,5 @@
-"""`raytp` command line: `raytp generate ...` (offline generation)."""
+"""`raytp` command line: `raytp generate ...` (offline generation), `raytp serve ...` (the
+OpenAI-compatible HTTP server on Ray Serve)."""
 from __future__ import annotations
 
 import argparse
@@ -99,7 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
     _add_engine_args(gen)
     _add_sampling_args(gen)
+    srv = sub.add_parser(
+        "serve", help="serve the OpenAI API over HTTP (Ray Serve)",
+        description="Deploy the engine as a Ray Serve app speaking the OpenAI API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics) and block until Ctrl-C. "
+                    "Joins a running Ray cluster (e.g. one from `ray up cluster.yaml`) or starts one; "
+                    "the Ray dashboard shows the replica and its TP worker actors.",
+        formatter_class=_HelpFormatter)
+    _add_engine_args(srv)
+    _add_serve_args(srv)
     return parser
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server (defaults: the preset's serve: section, else ServeConfig's)")
+    group.add_argument("--host", help="address Ray Serve's HTTP proxy listens on (default: 0.0.0.0)")
+    group.add_argument("--port", type=int, help="HTTP port (default: 8000)")
+    group.add_argument("--served-model-name", help="the `model` clients send (default: the model directory's name)")
+    group.add_argument("--max-num-requests", type=int,
+                       help="requests in flight per replica; more get HTTP 503 at once (default: 512)")
+    group.add_argument("--stream-interval", type=int,
+                       help="tokens per streamed chunk; the first token goes at once (default: 1, every token)")
+    group.add_argument("--num-replicas", type=int, help="engines behind the proxy, each with its own "
+                                                        "tensor-parallel workers (default: 1)")
 
 
 def _sampling_params(args):
@@ -151,12 +174,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from driver import serve as raytp_serve
+    from driver.config import ServeConfig
+    serve_config = ServeConfig.from_yaml(args.config, host=args.host, port=args.port,
+                                         served_model_name=args.served_model_name,
+                                         max_num_requests=args.max_num_requests, num_replicas=args.num_replicas,
+                                         stream_interval=args.stream_interval)
+    engine_config = _engine_config(args)
+    name = serve_config.served_model_name or raytp_serve.served_name(engine_config)
+    print(f"raytp: serving {name!r} at http://{serve_config.host}:{serve_config.port}/v1 (Ctrl-C stops)",
+          file=sys.stderr)
+    raytp_serve.run(engine_config, serve_config, blocking=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "serve": cmd_serve}[args.command](args)
     except ValueError as e:  # bad input: say what and how to fix, no traceback
         print(f"raytp {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -131,6 +131,40 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP server (`raytp serve`): Ray Serve's proxy address and the app's limits."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    served_model_name: str | None = None  # None: the model directory's name
+    max_num_requests: int = 512  # engine requests in flight per replica; more get a 503 at once
+    num_replicas: int = 1  # each replica owns a whole engine (tensor_parallel_size devices)
+    replica_num_cpus: float = 1.0  # Ray CPUs reserved for a replica (its driver loop and HTTP)
+    # Tokens per streamed chunk (the first token is always sent at once): above 1, fewer
+    # messages through Serve's proxy, which at saturation costs the replica's CPU.
+    stream_interval: int = 1
+
+    @classmethod
+    def from_yaml(cls, path: str | None, **overrides) -> "ServeConfig":
+        """The preset's `serve:` section (if any), then the non-None overrides."""
+        data = {}
+        if path:
+            with open(path) as f:
+                data = dict((yaml.safe_load(f) or {}).get("serve") or {})
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown serve option(s) {unknown}; known: {sorted(names)}")
+        config = cls(**data)
+        if not 0 < config.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {config.port}")
+        if min(config.max_num_requests, config.num_replicas, config.stream_interval) < 1:
+            raise ValueError("max_num_requests, num_replicas and stream_interval must be >= 1")
+        return config
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -170,6 +204,8 @@ class EngineConfig:
             data = yaml.safe_load(f) or {}
         flat: dict[str, Any] = {}
         for key, value in data.items():
+            if key == "serve":  # ServeConfig.from_yaml reads it
+                continue
             if isinstance(value, dict) and key in ("model", "cache", "parallel", "scheduler", "engine"):
                 flat.update(value)
             else:
@@ -263,4 +299,4 @@ def engine_fields() -> dict[str, Any]:
 
 
 __all__ = ["ModelArch", "ModelConfig", "CacheConfig", "ParallelConfig", "SchedulerConfig",
-           "EngineConfig", "engine_fields", "SUPPORTED_ARCHITECTURES"]
+           "ServeConfig", "EngineConfig", "engine_fields", "SUPPORTED_ARCHITECTURES"]

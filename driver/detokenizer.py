@@ -42,10 +42,20 @@ def convert_prompt_ids_to_tokens(tokenizer, prompt_ids: Sequence[int],
     """The prompt's last few tokens (as strings) and the initial offsets into them."""
     # Two extra tokens so that a character split over the prompt's end still decodes.
     tail = list(prompt_ids[-INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET - 2:])
-    tokens = tokenizer.convert_ids_to_tokens(tail, skip_special_tokens=skip_special_tokens)
+    tokens = [_id_to_token(tokenizer, t, skip_special_tokens) for t in tail]
     read_offset = len(tokens)
     prefix_offset = max(read_offset - INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET, 0)
     return list(tokens), prefix_offset, read_offset
+
+
+def _id_to_token(tokenizer, token_id: int, skip_special_tokens: bool) -> str:
+    # A model's vocabulary can be padded past its tokenizer's (Qwen2), and a prompt can hold
+    # any id below the model's: ids the tokenizer does not know have no text.
+    if not 0 <= token_id < len(tokenizer):
+        return ""
+    tokens = tokenizer.convert_ids_to_tokens([token_id], skip_special_tokens=skip_special_tokens)
+    token = tokens if isinstance(tokens, str) else (tokens[0] if tokens else "")
+    return token if token is not None else ""
 
 
 def detokenize_incrementally(tokenizer, new_token_id: int, prev_tokens: list[str], prefix_offset: int,
@@ -57,20 +67,14 @@ def detokenize_incrementally(tokenizer, new_token_id: int, prev_tokens: list[str
     caller appends `new_tokens` to them. `new_text` is "" while a character is
     incomplete.
     """
-    if 0 <= new_token_id < len(tokenizer):
-        new_tokens = tokenizer.convert_ids_to_tokens([new_token_id], skip_special_tokens=skip_special_tokens)
-        if isinstance(new_tokens, str):
-            new_tokens = [new_tokens]
-    else:
-        # The model's vocabulary can be padded past the tokenizer's: such ids have no text.
-        new_tokens = [""]
-    output_tokens = prev_tokens + list(new_tokens)
+    new_tokens = [_id_to_token(tokenizer, new_token_id, skip_special_tokens)]
+    output_tokens = prev_tokens + new_tokens
     prefix_text = tokenizer.convert_tokens_to_string(output_tokens[prefix_offset:read_offset])
     new_text = tokenizer.convert_tokens_to_string(output_tokens[prefix_offset:])
     if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
         # No new text (a skipped special token) or an incomplete UTF-8 character: wait.
-        return list(new_tokens), "", prefix_offset, read_offset
-    return list(new_tokens), new_text[len(prefix_text):], read_offset, len(output_tokens)
+        return new_tokens, "", prefix_offset, read_offset
+    return new_tokens, new_text[len(prefix_text):], read_offset, len(output_tokens)
 
 
 class IncrementalDetokenizer:

@@ -94,6 +94,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def has_unfinished_work(self) -> bool:
+        """Requests left, or steps still in flight (those of requests aborted meanwhile too)."""
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
+
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
@@ -123,7 +127,7 @@ class LLMEngine:
         try:
             return fn(arg)
         except Exception as e:
-            self._fail(e)
+            self.fail(e)
             raise EngineDeadError(f"the engine stopped: {e}") from e
 
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
@@ -169,7 +173,8 @@ class LLMEngine:
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped earlier: {self.dead}")
 
-    def _fail(self, error: Exception) -> None:
+    def fail(self, error: Exception) -> None:
+        """Stop serving: the workers go, and every later call raises EngineDeadError."""
         self.dead = error
         logger.error("engine failed: %s", error)
         self.executor.shutdown()

@@ -261,3 +261,13 @@ def test_make_checkpoint_sharded_and_options(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with pytest.raises(ValueError, match="style"):
         make_checkpoint(str(tmp_path / "bad"), "gpt2")
+
+
+def test_ids_the_tokenizer_does_not_know_have_no_text(tok):
+    """A model's vocab can be larger than its tokenizer's (padded, or a benchmark's shapes):
+    such ids, in the prompt or generated, add no text and break nothing."""
+    beyond = len(tok) + 7
+    words = encode_prompt(tok, " hello world")
+    detok = IncrementalDetokenizer(tok, [beyond, beyond + 1, *words[:1], beyond])
+    assert detok.step([beyond + 2]) == ""
+    assert detok.step(words[1:]) == tok.decode(words[1:])

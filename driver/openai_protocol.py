@@ -1,0 +1,204 @@
+"""OpenAI API requests -> (prompt token ids, SamplingParams), checked field by field.
+
+Every problem becomes an APIError that renders as OpenAI's error body, naming the field
+and what it accepts, so a client sees a 400 that says how to fix the request. Fields the
+OpenAI clients send and raytp ignores (user, metadata, store, ...) pass silently; fields
+whose meaning raytp does not implement (logit_bias, tools, suffix, ...) are refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from driver.sampling_params import SamplingParams
+from driver.tokenizer import apply_chat_template, encode_prompt
+
+MAX_TOP_LOGPROBS = 20
+_UNSUPPORTED = ("logit_bias", "suffix", "tools", "functions", "tool_choice", "function_call")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class APIError(Exception):
+    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ParsedRequest:
+    """One API call: a prompt per choice group (completions may batch prompts)."""
+
+    model: str
+    prompts: list[list[int]]
+    prompt_texts: list[str | None]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+    logprobs: bool = False  # chat: return logprobs (params.logprobs is the top-k count)
+
+
+def _field(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    # bool is an int in Python, but not in JSON: true is no token count.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise APIError(f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, "
+                       f"got {type(value).__name__} {value!r}", param=name)
+    return value
+
+
+def check_model(body: dict, served_model_name: str) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(f"'model' is required: the served model is '{served_model_name}'", param="model")
+    if model != served_model_name:
+        raise APIError(f"The model '{model}' does not exist; this server serves '{served_model_name}'",
+                       status=404, param="model", code="model_not_found")
+    return model
+
+
+def check_length(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
+    if max_tokens is None and num_prompt < max_model_len:
+        return
+    total = num_prompt + (max_tokens or 0)
+    if total > max_model_len or num_prompt >= max_model_len:
+        raise APIError(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                       f"requested {total} tokens ({num_prompt} in the prompt, {max_tokens or 0} in the "
+                       f"completion). Please reduce the length of the prompt or of '{param}'.",
+                       param=param, code="context_length_exceeded")
+
+
+def _check_ids(ids: list, vocab_size: int) -> list[int]:
+    if not ids:
+        raise APIError("'prompt' is empty; give at least one token", param="prompt")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise APIError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
+    return list(ids)
+
+
+def _completion_prompts(body: dict, tokenizer, vocab_size: int) -> tuple[list[list[int]], list[str | None]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise APIError("'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                       "lists of token ids", param="prompt")
+    ids, texts = [], []
+    for p in prompt:
+        if isinstance(p, str):
+            if not p:
+                raise APIError("'prompt' is empty; give at least one character", param="prompt")
+            ids.append(_check_ids(encode_prompt(tokenizer, p), vocab_size))
+            texts.append(p)
+        elif isinstance(p, list):
+            ids.append(_check_ids(p, vocab_size))
+            texts.append(None)
+        else:
+            raise APIError(f"each prompt must be a string or a list of token ids, got {type(p).__name__}",
+                           param="prompt")
+    return ids, texts
+
+
+def _chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("'messages' must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise APIError(f"messages[{i}] needs a 'role' in {_ROLES}", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise APIError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                               f"are supported", param="messages")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise APIError(f"messages[{i}].content must be a string or a list of text parts", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    for name in _UNSUPPORTED:
+        if body.get(name):
+            raise APIError(f"'{name}' is not supported by this server; leave it out", param=name)
+    n = _field(body, "n", (int,), 1)
+    best_of = _field(body, "best_of", (int,), n)
+    if best_of != n:
+        raise APIError("'best_of' must equal 'n' (raytp returns every sampled completion)", param="best_of")
+    fmt = _field(body, "response_format", (dict,), {})
+    if fmt.get("type", "text") != "text":
+        raise APIError("'response_format' supports only {'type': 'text'}", param="response_format")
+    stop = _field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    stop_ids = _field(body, "stop_token_ids", (list,), [])
+    num = (int, float)
+    try:
+        return SamplingParams(
+            n=n, max_tokens=max_tokens, logprobs=logprobs, stop=stop, stop_token_ids=stop_ids,
+            temperature=float(_field(body, "temperature", num, 1.0)), top_p=float(_field(body, "top_p", num, 1.0)),
+            top_k=_field(body, "top_k", (int,), -1), min_p=float(_field(body, "min_p", num, 0.0)),
+            seed=_field(body, "seed", (int,)),
+            presence_penalty=float(_field(body, "presence_penalty", num, 0.0)),
+            frequency_penalty=float(_field(body, "frequency_penalty", num, 0.0)),
+            repetition_penalty=float(_field(body, "repetition_penalty", num, 1.0)),
+            ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            min_tokens=_field(body, "min_tokens", (int,), 0),
+            skip_special_tokens=_field(body, "skip_special_tokens", (bool,), True))
+    except ValueError as e:  # SamplingParams names the field: "SamplingParams.top_p must be ..."
+        msg = str(e)
+        param = msg.split(".", 1)[1].split(" ", 1)[0] if msg.startswith("SamplingParams.") else None
+        raise APIError(msg.replace("SamplingParams.", "'", 1).replace(" ", "' ", 1) if param else msg,
+                       param=param) from e
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _field(body, "stream", (bool,), False)
+    opts = _field(body, "stream_options", (dict,), {})
+    return stream, bool(opts.get("include_usage", False)) and stream
+
+
+def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
+                     served_model_name: str) -> ParsedRequest:
+    model = check_model(body, served_model_name)
+    prompts, texts = _completion_prompts(body, tokenizer, vocab_size)
+    max_tokens = _field(body, "max_tokens", (int,), 16)  # OpenAI's default for completions
+    for ids in prompts:
+        check_length(len(ids), max_tokens, max_model_len, "max_tokens")
+    logprobs = _field(body, "logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+    stream, usage = _stream_options(body)
+    return ParsedRequest(model, prompts, texts, _sampling_params(body, max_tokens, logprobs), stream, usage,
+                         echo=_field(body, "echo", (bool,), False), logprobs=logprobs is not None)
+
+
+def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
+               served_model_name: str) -> ParsedRequest:
+    model = check_model(body, served_model_name)
+    messages = _chat_messages(body)
+    try:
+        ids = apply_chat_template(tokenizer, messages)
+    except ValueError as e:
+        raise APIError(str(e), param="messages") from e
+    except Exception as e:  # the template itself raised (e.g. roles out of order)
+        raise APIError(f"the chat template rejected the messages: {e}", param="messages") from e
+    ids = _check_ids(ids, vocab_size)
+    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _field(body, param, (int,), None)  # None: up to the context limit
+    check_length(len(ids), max_tokens, max_model_len, param)
+    want_logprobs = _field(body, "logprobs", (bool,), False)
+    top = _field(body, "top_logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+    if top is not None and not want_logprobs:
+        raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    stream, usage = _stream_options(body)
+    params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None)
+    return ParsedRequest(model, [ids], [None], params, stream, usage, logprobs=want_logprobs)
+
+
+__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "check_length", "MAX_TOP_LOGPROBS"]

@@ -1,0 +1,194 @@
+"""The OpenAI API over an AsyncLLMEngine: /v1/completions and /v1/chat/completions, whole
+or streamed (server-sent events), with usage and logprobs in OpenAI's shapes.
+
+A call with several prompts (completions) or n > 1 is one engine request per prompt; choice
+`i * n + j` is prompt i's completion j. Leaving a call early (the client disconnected,
+the task was cancelled) closes every engine stream, which aborts its request.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from driver.async_engine import AsyncLLMEngine, EngineOverloadedError
+from driver.engine import EngineDeadError
+from driver.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
+from driver.outputs import CompletionOutput, RequestOutput
+from driver.tokenizer import load_tokenizer
+
+
+def engine_error(e: Exception) -> APIError:
+    """What a client is told when the engine refuses or loses a request."""
+    if isinstance(e, EngineOverloadedError):
+        return APIError(str(e), status=503, type="server_error", code="overloaded")
+    if isinstance(e, EngineDeadError):
+        return APIError(f"{e}; the replica restarts its engine after a failed health check",
+                        status=500, type="server_error", code="engine_dead")
+    if isinstance(e, ValueError):
+        return APIError(str(e))
+    return APIError(f"internal error: {type(e).__name__}: {e}", status=500, type="server_error")
+
+
+async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(index, item) from several async iterators as items arrive. Closes all of them when it
+    ends, fails, is cancelled, or is closed: iterate it inside `aclosing` so that leaving the
+    loop early closes it at once."""
+    pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    item = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(gens[i]))] = i
+                yield i, item
+    finally:
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for g in gens:
+            await g.aclose()
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, stream_interval: int = 1):
+        self.engine = engine
+        self.stream_interval = stream_interval
+        # Its own tokenizer: the engine loop thread detokenizes with the engine's, and a Rust
+        # tokenizer used from two threads at once can fail ("Already borrowed").
+        self.tokenizer = load_tokenizer(engine.config.model.tokenizer)
+        self.model_name = served_model_name
+        self.created = int(time.time())
+
+    def models(self) -> dict:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raytp",
+                "max_model_len": self.engine.config.model.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    async def completions(self, body: dict) -> dict | AsyncIterator[str]:
+        return await self._serve(body, chat=False)
+
+    async def chat_completions(self, body: dict) -> dict | AsyncIterator[str]:
+        return await self._serve(body, chat=True)
+
+    async def _serve(self, body: dict, chat: bool) -> dict | AsyncIterator[str]:
+        m = self.engine.config.model
+        parse = parse_chat if chat else parse_completion
+        req = parse(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name)
+        call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        gens = self._open(req, call_id)
+        if req.stream:
+            return self._stream(req, call_id, gens, chat)
+        finals: list[RequestOutput | None] = [None] * len(gens)
+        try:
+            async with aclosing(merge(gens)) as outputs:
+                async for i, out in outputs:
+                    finals[i] = out
+        except Exception as e:
+            raise engine_error(e) from e
+        choices = [self._choice(req, i, c, chat) for i, out in enumerate(finals) for c in out.outputs]
+        kind = "chat.completion" if chat else "text_completion"
+        return {"id": call_id, "object": kind, "created": int(time.time()), "model": req.model,
+                "choices": choices, "usage": self._usage(req, finals)}
+
+    def _open(self, req: ParsedRequest, call_id: str) -> list[AsyncIterator[RequestOutput]]:
+        gens = []
+        try:
+            for i, ids in enumerate(req.prompts):
+                gens.append(self.engine.generate(ids, req.params, f"{call_id}-{i}"))
+        except Exception as e:  # overloaded or dead: take back the prompts already added
+            for i in range(len(gens)):
+                self.engine.abort(f"{call_id}-{i}")
+            raise engine_error(e) from e
+        return gens
+
+    async def _stream(self, req: ParsedRequest, call_id: str, gens: list, chat: bool) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": call_id, "object": kind, "created": int(time.time()), "model": req.model}
+        sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) already sent
+        finals: list[RequestOutput | None] = [None] * len(gens)
+        try:
+            async with aclosing(merge(gens)) as outputs:  # a client gone away aborts its requests
+                async for i, out in outputs:
+                    finals[i] = out
+                    for c in out.outputs:
+                        chunk = self._delta(req, i, c, chat, sent)
+                        if chunk is not None:
+                            yield _sse({**head, "choices": [chunk]})
+            if req.include_usage:
+                yield _sse({**head, "choices": [], "usage": self._usage(req, finals)})
+        except (EngineDeadError, ValueError, RuntimeError) as e:  # mid-stream: an error event
+            yield _sse(engine_error(e).body())
+        yield "data: [DONE]\n\n"
+
+    def _delta(self, req: ParsedRequest, i: int, c: CompletionOutput, chat: bool, sent: dict) -> dict | None:
+        index = i * req.params.n + c.index
+        first = index not in sent
+        chars, tokens = sent.get(index, (0, 0))
+        new_ids, new_lps = c.token_ids[tokens:], (c.logprobs or [])[tokens:]
+        # A chunk per stream_interval tokens (the first and the last at once); nothing while a
+        # step brought no token (a prefill chunk).
+        due = len(new_ids) >= self.stream_interval or (first and (new_ids or chat)) or c.finish_reason
+        if not due:
+            return None
+        echo = self._prompt_text(req, i) if first and req.echo else ""  # the prompt leads the first delta
+        text = echo + c.text[chars:]
+        sent[index] = (len(c.text), len(c.token_ids))
+        logprobs = self._logprobs(req, new_ids, new_lps, chat) if req.logprobs else None
+        if not chat:
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if new_ids else {})
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def _choice(self, req: ParsedRequest, i: int, c: CompletionOutput, chat: bool) -> dict:
+        index = i * req.params.n + c.index
+        logprobs = self._logprobs(req, c.token_ids, c.logprobs or [], chat) if req.logprobs else None
+        if chat:
+            return {"index": index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs, "finish_reason": c.finish_reason}
+        text = self._prompt_text(req, i) + c.text if req.echo else c.text
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def _prompt_text(self, req: ParsedRequest, i: int) -> str:
+        text = req.prompt_texts[i]
+        return text if text is not None else self.tokenizer.decode(req.prompts[i])
+
+    def _logprobs(self, req: ParsedRequest, token_ids: list[int], lps: list[dict | None], chat: bool) -> dict:
+        """OpenAI's logprobs object for these tokens: per token its own logprob and the top k."""
+        k = req.params.logprobs or 0
+        rows = []
+        for t, d in zip(token_ids, lps):
+            d = d or {}
+            top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+            rows.append((self.tokenizer.decode([t]), d.get(t, float("nan")),
+                         [(self.tokenizer.decode([u]), lp) for u, lp in top]))
+        if chat:
+            entry = lambda s, lp: {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**entry(s, lp), "top_logprobs": [entry(u, v) for u, v in top]}
+                                for s, lp, top in rows]}
+        offsets, pos = [], 0
+        for s, _, _ in rows:
+            offsets.append(pos)
+            pos += len(s)
+        return {"tokens": [s for s, _, _ in rows], "token_logprobs": [lp for _, lp, _ in rows],
+                "top_logprobs": [dict(top) for _, _, top in rows], "text_offset": offsets}
+
+    @staticmethod
+    def _usage(req: ParsedRequest, finals: list[RequestOutput | None]) -> dict:
+        prompt = sum(len(ids) for ids in req.prompts)
+        completion = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+__all__ = ["OpenAIServing", "merge", "engine_error"]

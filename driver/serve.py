@@ -1,0 +1,130 @@
+"""The Ray Serve app: an OpenAI-compatible HTTP API, one engine per replica.
+
+    raytp serve --model DIR --tp 2            # or: serve.run(build_app(engine_cfg, serve_cfg))
+    curl localhost:8000/v1/completions -d '{"model": "DIR-name", "prompt": "Hello"}'
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (200,
+or 503 once a worker died), GET /metrics (Prometheus text). A replica's engine places its
+TP workers in their own placement group, so the Ray dashboard shows the replica and, beside
+it, one `raytp-<engine>-tp<rank>` actor per shard. A dead worker fails Serve's health check and
+Serve replaces the replica with a fresh engine.
+"""
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations as types.
+
+import logging
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from ray import serve
+
+from driver.async_engine import AsyncLLMEngine
+from driver.config import EngineConfig, ServeConfig
+from driver.openai_protocol import APIError
+from driver.openai_serving import OpenAIServing
+
+logger = logging.getLogger("raytp.serve")
+app = FastAPI(title="raytp", description="OpenAI-compatible API of a raytp engine")
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as e:
+        raise APIError(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    return body
+
+
+def served_name(config: EngineConfig) -> str:
+    """The `model` clients send by default: the checkpoint directory's name."""
+    return os.path.basename(os.path.normpath(config.model.model))
+
+
+# serve.ingress pickles the class as it is defined: what its methods use is defined above.
+@serve.deployment(name="raytp", health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=5)
+@serve.ingress(app)
+class OpenAIServer:
+    def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.engine = AsyncLLMEngine(engine_config, serve_config.max_num_requests)
+        name = serve_config.served_model_name or served_name(engine_config)
+        self.api = OpenAIServing(self.engine, name, serve_config.stream_interval)
+        logger.info("serving %r (tp=%d, %s) as %r", engine_config.model.model,
+                    engine_config.parallel.tensor_parallel_size, engine_config.parallel.device, name)
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        if self.engine.dead is not None:
+            return _error(APIError(f"the engine stopped: {self.engine.dead}", 503, "server_error"))
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return self.api.models()
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._respond(request, self.api.completions)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._respond(request, self.api.chat_completions)
+
+    @app.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        lines = []
+        for key, value in self.engine.stats().items():
+            kind = "counter" if key.endswith("_total") else "gauge"
+            lines += [f"# TYPE raytp_{key} {kind}", f"raytp_{key} {value}"]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    async def _respond(self, request: Request, handler) -> Response:
+        try:
+            result = await handler(await _json_body(request))
+        except APIError as e:
+            return _error(e)
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream")
+
+    def check_health(self) -> None:
+        """Serve's periodic check: a dead engine gets this replica replaced."""
+        if self.engine.dead is not None:
+            raise RuntimeError(f"the engine stopped: {self.engine.dead}")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def build_app(engine_config: EngineConfig, serve_config: ServeConfig):
+    """The bound app for serve.run(): Serve queues no more than the engine accepts, so a
+    request over the limit gets the engine's quick 503 rather than waiting in a queue."""
+    return OpenAIServer.options(
+        num_replicas=serve_config.num_replicas,
+        max_ongoing_requests=serve_config.max_num_requests + 16,
+        ray_actor_options={"num_cpus": serve_config.replica_num_cpus},
+    ).bind(engine_config, serve_config)
+
+
+def run(engine_config: EngineConfig, serve_config: ServeConfig, blocking: bool = True):
+    """Start Serve's proxy on host:port (on the running Ray cluster, or a new local one) and
+    deploy the app at /. Returns the app's handle when not blocking."""
+    from executor.ray_executor import _init_ray
+
+    _init_ray(engine_config.parallel.ray_address)
+    serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
+    handle = serve.run(build_app(engine_config, serve_config), name="raytp", route_prefix="/",
+                       blocking=blocking)
+    return handle
+
+
+__all__ = ["OpenAIServer", "build_app", "run", "served_name", "app"]

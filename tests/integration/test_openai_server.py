@@ -1,0 +1,216 @@
+"""The Ray Serve app through the official `openai` client (and raw HTTP for status codes):
+outputs equal Hugging Face's, streaming equals whole responses, bad input gets OpenAI's
+error body, overload is refused at once, a disconnect frees the KV blocks, and a dead
+worker is an error (never a hang) after which Serve brings up a fresh engine."""
+import random
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from driver import serve as raytp_serve
+from driver.config import EngineConfig, ServeConfig
+from driver.tokenizer import apply_chat_template, load_tokenizer
+from tests.checkpoints import make_checkpoint
+from tests.hf_reference import hf_greedy
+
+MODEL = "tiny-llama"
+MAX_REQUESTS = 4
+MAX_MODEL_LEN = 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = make_checkpoint(str(tmp_path_factory.mktemp("served")), "llama", seed=3,
+                           max_position_embeddings=MAX_MODEL_LEN)
+    port = _free_port()
+    engine_cfg = EngineConfig.create(ckpt, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
+    serve_cfg = ServeConfig(host="127.0.0.1", port=port, served_model_name=MODEL,
+                            max_num_requests=MAX_REQUESTS, replica_num_cpus=0)
+    raytp_serve.run(engine_cfg, serve_cfg, blocking=False)
+    yield ckpt, f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if not line.startswith("#"))}
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_greedy_completion_matches_transformers(server, client):
+    ckpt, _ = server
+    prompt = [random.Random(0).randrange(3, 500) for _ in range(19)]
+    ref, ref_lps = hf_greedy(ckpt, prompt, 8)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=1,
+                                    extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    choice = out.choices[0]
+    tok = load_tokenizer(ckpt)
+    assert choice.logprobs.tokens == [tok.decode([t]) for t in ref]
+    assert choice.logprobs.token_logprobs == pytest.approx(ref_lps, abs=2e-4)
+    assert choice.finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (19, 8)
+
+
+def test_chat_goes_through_the_template(server, client):
+    ckpt, _ = server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+    ids = apply_chat_template(load_tokenizer(ckpt), messages)
+    ref, _ = hf_greedy(ckpt, ids, 6)
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                         logprobs=True, extra_body={"ignore_eos": True})
+    assert out.choices[0].message.role == "assistant"
+    tok = load_tokenizer(ckpt)
+    assert [e.token for e in out.choices[0].logprobs.content] == [tok.decode([t]) for t in ref]
+    assert out.usage.prompt_tokens == len(ids)
+
+
+def test_batched_prompts_with_n_and_seed(client):
+    kw = dict(model=MODEL, prompt=["Hello", "The sky is"], n=2, max_tokens=6, temperature=1.0, seed=7)
+    out = client.completions.create(**kw)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    again = client.completions.create(**kw)
+    by_index = lambda r: [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    assert by_index(out) == by_index(again)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streaming_equals_the_whole_response(client, chat):
+    kw = dict(model=MODEL, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    if chat:
+        create = client.chat.completions.create
+        kw["messages"] = [{"role": "user", "content": "Tell me a story"}]
+        text_of = lambda c: c.message.content
+        delta_of = lambda c: c.delta.content or ""
+    else:
+        create = client.completions.create
+        kw["prompt"] = "Once upon a time"
+        text_of = lambda c: c.text
+        delta_of = lambda c: c.text
+    whole = create(**kw)
+    chunks = list(create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(delta_of(ch.choices[0]) for ch in chunks if ch.choices) == text_of(whole.choices[0])
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_stop_string_ends_the_text(client):
+    kw = dict(model=MODEL, prompt="abc", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**kw).choices[0].text
+    stop = text[5:8]
+    assert len(stop) == 3
+    out = client.completions.create(stop=[stop], **kw).choices[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:text.index(stop)]
+
+
+@pytest.mark.parametrize("body, status, param, says", [
+    ({"prompt": "hi"}, 400, "model", "'model' is required"),
+    ({"model": "gpt-9", "prompt": "hi"}, 404, "model", "does not exist"),
+    ({"model": MODEL}, 400, "prompt", "'prompt' must be"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature", "'temperature' must be >= 0"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "'max_tokens' must be int"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 5000}, 400, "max_tokens",
+     f"maximum context length is {MAX_MODEL_LEN} tokens"),
+    ({"model": MODEL, "prompt": [1] * 3000}, 400, "max_tokens", f"maximum context length is {MAX_MODEL_LEN}"),
+    ({"model": MODEL, "prompt": [10 ** 7]}, 400, "prompt", "token ids must be integers in [0, "),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 50}, 400, "logprobs", "'logprobs' must be in [0, 20]"),
+])
+def test_bad_completion_requests_get_openai_errors(server, body, status, param, says):
+    r = httpx.post(server[1] + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert says in err["message"] and err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_bad_chat_and_malformed_json(server, client):
+    r = httpx.post(server[1] + "/v1/chat/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="needs a 'role'"):
+        client.chat.completions.create(model=MODEL, messages=[{"content": "no role"}])
+    with pytest.raises(openai.BadRequestError, match="only text parts"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x"}}]}])
+
+
+def test_overload_is_refused_at_once_and_disconnects_free_the_blocks(server):
+    _, url = server
+    before = _metrics(url)
+    blocks = before["raytp_num_gpu_blocks"]
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        streams = [http.stream("POST", url + "/v1/completions", json=body) for _ in range(MAX_REQUESTS)]
+        responses = [s.__enter__() for s in streams]
+        # Kept referenced: a dropped line iterator closes its response (a disconnect).
+        lines = [r.iter_lines() for r in responses]
+        for r, it in zip(responses, lines):  # every request is running: its first tokens arrived
+            assert r.status_code == 200
+            assert next(it).startswith("data: {")
+        start = time.monotonic()
+        over = http.post(url + "/v1/completions", json={**body, "stream": False})
+        assert time.monotonic() - start < 5
+        assert over.status_code == 503
+        assert f"limit of {MAX_REQUESTS} requests" in over.json()["error"]["message"]
+        running = _metrics(url)
+        assert running["raytp_requests_in_flight"] == MAX_REQUESTS
+        assert running["raytp_num_free_gpu_blocks"] < blocks
+        for s in streams:  # the clients go away mid-generation
+            s.__exit__(None, None, None)
+    deadline = time.monotonic() + 30
+    while (m := _metrics(url))["raytp_requests_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert m["raytp_requests_in_flight"] == 0 and m["raytp_num_running"] == 0
+    assert m["raytp_num_free_gpu_blocks"] == blocks
+    generated = m["raytp_generation_tokens_total"] - before["raytp_generation_tokens_total"]
+    assert generated < MAX_REQUESTS * 2000 / 2  # aborted well before their ends
+
+
+def test_dead_worker_is_an_error_then_serve_restarts_the_engine(server, client):
+    """Runs last in this module: it kills the engine's worker."""
+    _, url = server
+    [worker] = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("raytp-")]
+    ray.kill(ray.get_actor(worker["name"], namespace=worker["namespace"]), no_restart=True)
+    start = time.monotonic()
+    with pytest.raises(openai.InternalServerError, match="engine"):
+        client.completions.create(model=MODEL, prompt="hello", max_tokens=4)
+    assert time.monotonic() - start < 30
+    assert httpx.get(url + "/health", timeout=10).status_code == 503
+    deadline = time.monotonic() + 120  # Serve's health check fails and a new replica starts
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=10).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    out = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4
+
+
+def test_cli_serve_help_explains():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "driver.cli", "serve", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for words in ("OpenAI API", "--port", "--max-num-requests", "HTTP 503", "--tensor-parallel-size"):
+        assert words in out
