@@ -1,7 +1,8 @@
 """The engine loop for a server: one thread owns the LLMEngine and steps it while any
 work is left; asyncio callers add requests and read each one's outputs as a stream.
 
-    async for out in engine.generate(prompt_token_ids, params, request_id):
+    outputs = engine.generate(prompt_token_ids, params, request_id)  # added, or raises
+    async for out in outputs:
         ...   # RequestOutput, cumulative; the last one has finished=True
 
 Invariants: only the loop thread touches the LLMEngine (it is not thread-safe); requests
@@ -84,17 +85,20 @@ class AsyncLLMEngine:
     def dead(self) -> Exception | None:
         return self.engine.dead
 
-    async def generate(self, prompt: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """Adds the request (raises EngineOverloadedError / EngineDeadError at once) and yields
-        its outputs; leaving early (break, cancellation) aborts it."""
-        stream = self._add(prompt, params, request_id)
+    def generate(self, prompt: list[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        """Adds the request now (raising EngineOverloadedError or EngineDeadError at once) and
+        returns its outputs; leaving them early (closing, cancellation) aborts the request.
+        A caller that never iterates them must abort() the request itself."""
+        return self._outputs(self._add(prompt, params, request_id))
+
+    async def _outputs(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
         try:
             async for out in stream:
                 yield out
         finally:
             if not stream.finished:
-                self.abort(request_id)
+                self.abort(stream.request_id)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -90,6 +90,9 @@ class OpenAIServer:
             result = await handler(await _json_body(request))
         except APIError as e:
             return _error(e)
+        except Exception as e:  # a bug of ours: still an OpenAI-shaped 500, and a traceback in the log
+            logger.exception("request failed")
+            return _error(APIError(f"internal error: {type(e).__name__}: {e}", 500, "server_error"))
         if isinstance(result, dict):
             return JSONResponse(result)
         return StreamingResponse(result, media_type="text/event-stream")

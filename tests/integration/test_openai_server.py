@@ -165,11 +165,12 @@ def test_overload_is_refused_at_once_and_disconnects_free_the_blocks(server):
         for r, it in zip(responses, lines):  # every request is running: its first tokens arrived
             assert r.status_code == 200
             assert next(it).startswith("data: {")
-        start = time.monotonic()
-        over = http.post(url + "/v1/completions", json={**body, "stream": False})
-        assert time.monotonic() - start < 5
-        assert over.status_code == 503
-        assert f"limit of {MAX_REQUESTS} requests" in over.json()["error"]["message"]
+        for stream in (True, False):  # refused with a status, before any event is streamed
+            start = time.monotonic()
+            over = http.post(url + "/v1/completions", json={**body, "stream": stream})
+            assert time.monotonic() - start < 5
+            assert over.status_code == 503
+            assert f"limit of {MAX_REQUESTS} requests" in over.json()["error"]["message"]
         running = _metrics(url)
         assert running["raytp_requests_in_flight"] == MAX_REQUESTS
         assert running["raytp_num_free_gpu_blocks"] < blocks
