@@ -64,7 +64,6 @@ class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, max_num_requests: int = 1024):
         self.engine = LLMEngine(config)
         self.config = config
-        self.tokenizer = self.engine.tokenizer
         self.max_num_requests = max_num_requests
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # the loop thread's
@@ -76,10 +75,6 @@ class AsyncLLMEngine:
         self._thread.start()
 
     # ---- asyncio side ----
-
-    @property
-    def num_requests(self) -> int:
-        return self._num_requests
 
     @property
     def dead(self) -> Exception | None:

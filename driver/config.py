@@ -141,8 +141,14 @@ class ServeConfig:
     num_replicas: int = 1  # each replica owns a whole engine (tensor_parallel_size devices)
     replica_num_cpus: float = 1.0  # Ray CPUs reserved for a replica (its driver loop and HTTP)
     # Tokens per streamed chunk (the first token is always sent at once): above 1, fewer
-    # messages through Serve's proxy, which at saturation costs the replica's CPU.
+    # messages through Serve's proxy, which at high concurrency costs more than the engine.
     stream_interval: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if min(self.max_num_requests, self.num_replicas, self.stream_interval) < 1:
+            raise ValueError("max_num_requests, num_replicas and stream_interval must be >= 1")
 
     @classmethod
     def from_yaml(cls, path: str | None, **overrides) -> "ServeConfig":
@@ -156,12 +162,7 @@ class ServeConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown serve option(s) {unknown}; known: {sorted(names)}")
-        config = cls(**data)
-        if not 0 < config.port < 65536:
-            raise ValueError(f"port must be in 1..65535, got {config.port}")
-        if min(config.max_num_requests, config.num_replicas, config.stream_interval) < 1:
-            raise ValueError("max_num_requests, num_replicas and stream_interval must be >= 1")
-        return config
+        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ class OpenAIServing:
         for t, d in zip(token_ids, lps):
             d = d or {}
             top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
-            rows.append((self.tokenizer.decode([t]), d.get(t, float("nan")),
+            rows.append((self.tokenizer.decode([t]), d.get(t),
                          [(self.tokenizer.decode([u]), lp) for u, lp in top]))
         if chat:
             entry = lambda s, lp: {"token": s, "logprob": lp, "bytes": list(s.encode())}
