@@ -121,6 +121,7 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                        help="requests in flight per replica; more get HTTP 503 at once (default: 512)")
     group.add_argument("--stream-interval", type=int,
                        help="tokens per streamed chunk; the first token goes at once (default: 1, every token)")
+    group.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1/* (default: no key)")
     group.add_argument("--num-replicas", type=int, help="engines behind the proxy, each with its own "
                                                         "tensor-parallel workers (default: 1)")
 
@@ -180,7 +181,7 @@ def cmd_serve(args) -> int:
     serve_config = ServeConfig.from_yaml(args.config, host=args.host, port=args.port,
                                          served_model_name=args.served_model_name,
                                          max_num_requests=args.max_num_requests, num_replicas=args.num_replicas,
-                                         stream_interval=args.stream_interval)
+                                         stream_interval=args.stream_interval, api_key=args.api_key)
     engine_config = _engine_config(args)
     name = serve_config.served_model_name or raytp_serve.served_name(engine_config)
     print(f"raytp: serving {name!r} at http://{serve_config.host}:{serve_config.port}/v1 (Ctrl-C stops)",

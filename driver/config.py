@@ -143,6 +143,7 @@ class ServeConfig:
     # Tokens per streamed chunk (the first token is always sent at once): above 1, fewer
     # messages through Serve's proxy, which at high concurrency costs more than the engine.
     stream_interval: int = 1
+    api_key: str | None = None  # when set, /v1/* requests need `Authorization: Bearer <api_key>`
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -3,8 +3,9 @@
     raytp serve --model DIR --tp 2            # or: serve.run(build_app(engine_cfg, serve_cfg))
     curl localhost:8000/v1/completions -d '{"model": "DIR-name", "prompt": "Hello"}'
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (200,
-or 503 once a worker died), GET /metrics (Prometheus text). A replica's engine places its
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (with --api-key,
+these need `Authorization: Bearer <key>`), GET /health (200, or 503 once a worker died),
+GET /metrics (Prometheus text). A replica's engine places its
 TP workers in their own placement group, so the Ray dashboard shows the replica and, beside
 it, one `raytp-<engine>-tp<rank>` actor per shard. A dead worker fails Serve's health check and
 Serve replaces the replica with a fresh engine.
@@ -41,6 +42,12 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
+def _check_key(request: Request, api_key: str | None) -> None:
+    if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        raise APIError("missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                       "server's --api-key", status=401, code="invalid_api_key")
+
+
 def served_name(config: EngineConfig) -> str:
     """The `model` clients send by default: the checkpoint directory's name."""
     return os.path.basename(os.path.normpath(config.model.model))
@@ -56,6 +63,7 @@ class OpenAIServer:
         self.engine = AsyncLLMEngine(engine_config, serve_config.max_num_requests)
         name = serve_config.served_model_name or served_name(engine_config)
         self.api = OpenAIServing(self.engine, name, serve_config.stream_interval)
+        self.api_key = serve_config.api_key
         logger.info("serving %r (tp=%d, %s) as %r", engine_config.model.model,
                     engine_config.parallel.tensor_parallel_size, engine_config.parallel.device, name)
 
@@ -66,8 +74,12 @@ class OpenAIServer:
         return Response(status_code=200)
 
     @app.get("/v1/models")
-    async def models(self) -> dict:
-        return self.api.models()
+    async def models(self, request: Request) -> Response:
+        try:
+            _check_key(request, self.api_key)
+        except APIError as e:
+            return _error(e)
+        return JSONResponse(self.api.models())
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -87,6 +99,7 @@ class OpenAIServer:
 
     async def _respond(self, request: Request, handler) -> Response:
         try:
+            _check_key(request, self.api_key)
             result = await handler(await _json_body(request))
         except APIError as e:
             return _error(e)

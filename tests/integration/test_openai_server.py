@@ -21,6 +21,8 @@ from tests.hf_reference import hf_greedy
 MODEL = "tiny-llama"
 MAX_REQUESTS = 4
 MAX_MODEL_LEN = 2048
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _free_port() -> int:
@@ -36,7 +38,7 @@ def server(tmp_path_factory):
     port = _free_port()
     engine_cfg = EngineConfig.create(ckpt, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
     serve_cfg = ServeConfig(host="127.0.0.1", port=port, served_model_name=MODEL,
-                            max_num_requests=MAX_REQUESTS, replica_num_cpus=0)
+                            max_num_requests=MAX_REQUESTS, replica_num_cpus=0, api_key=KEY)
     raytp_serve.run(engine_cfg, serve_cfg, blocking=False)
     yield ckpt, f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -44,7 +46,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -54,6 +56,17 @@ def _metrics(url: str) -> dict[str, float]:
 
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_v1_routes_need_the_api_key(server):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(server[1] + "/v1/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(server[1] + "/v1/models", headers=headers, timeout=30).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server[1] + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(server[1] + "/health", timeout=30).status_code == 200  # probes need no key
 
 
 def test_greedy_completion_matches_transformers(server, client):
@@ -136,14 +149,14 @@ def test_stop_string_ends_the_text(client):
     ({"model": MODEL, "prompt": "hi", "logprobs": 50}, 400, "logprobs", "'logprobs' must be in [0, 20]"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param, says):
-    r = httpx.post(server[1] + "/v1/completions", json=body, timeout=30)
+    r = httpx.post(server[1] + "/v1/completions", json=body, headers=AUTH, timeout=30)
     assert r.status_code == status
     err = r.json()["error"]
     assert says in err["message"] and err["param"] == param and err["type"] == "invalid_request_error"
 
 
 def test_bad_chat_and_malformed_json(server, client):
-    r = httpx.post(server[1] + "/v1/chat/completions", content=b"{not json", timeout=30)
+    r = httpx.post(server[1] + "/v1/chat/completions", content=b"{not json", headers=AUTH, timeout=30)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="needs a 'role'"):
         client.chat.completions.create(model=MODEL, messages=[{"content": "no role"}])
@@ -157,7 +170,7 @@ def test_overload_is_refused_at_once_and_disconnects_free_the_blocks(server):
     before = _metrics(url)
     blocks = before["raytp_num_gpu_blocks"]
     body = {"model": MODEL, "prompt": "go", "max_tokens": 2000, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=60, headers=AUTH) as http:
         streams = [http.stream("POST", url + "/v1/completions", json=body) for _ in range(MAX_REQUESTS)]
         responses = [s.__enter__() for s in streams]
         # Kept referenced: a dropped line iterator closes its response (a disconnect).

@@ -16,6 +16,7 @@ def test_preset_then_flags():
     cfg = ServeConfig.from_yaml(PRESET, port=9001, host=None)
     assert (cfg.host, cfg.port, cfg.max_num_requests, cfg.stream_interval) == ("0.0.0.0", 9001, 512, 1)
     assert ServeConfig.from_yaml(None) == ServeConfig()
+    assert ServeConfig.from_yaml(None, api_key="k").api_key == "k"
 
 
 @pytest.mark.parametrize("bad, says", [
