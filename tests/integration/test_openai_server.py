@@ -83,6 +83,38 @@ def test_greedy_completion_matches_transformers(server, client):
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (19, 8)
 
 
+def test_a_tensor_parallel_replica_serves_the_same_model(server):
+    """A second app whose engine has two TP workers (gloo), beside the first; deleting the app
+    takes its workers and placement group with it."""
+    ckpt, url = server
+    engine_cfg = EngineConfig.create(ckpt, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
+                                     tensor_parallel_size=2)
+    serve_cfg = ServeConfig(served_model_name=MODEL, replica_num_cpus=0, api_key=KEY)
+    before = _raytp_workers()
+    serve.run(raytp_serve.build_app(engine_cfg, serve_cfg), name="tp2", route_prefix="/tp2")
+    try:
+        assert len(_raytp_workers()) == len(before) + 2
+        prompt = [random.Random(1).randrange(3, 500) for _ in range(23)]
+        ref, ref_lps = hf_greedy(ckpt, prompt, 6)
+        tp2 = openai.OpenAI(base_url=url + "/tp2/v1", api_key=KEY, max_retries=0, timeout=60)
+        out = tp2.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
+                                     extra_body={"ignore_eos": True})
+        tok = load_tokenizer(ckpt)
+        assert out.choices[0].logprobs.tokens == [tok.decode([t]) for t in ref]
+        assert out.choices[0].logprobs.token_logprobs == pytest.approx(ref_lps, abs=2e-4)
+    finally:
+        serve.delete("tp2")
+    deadline = time.monotonic() + 30
+    while _raytp_workers() != before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _raytp_workers() == before
+
+
+def _raytp_workers() -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("raytp-"))
+
+
 def test_chat_goes_through_the_template(server, client):
     ckpt, _ = server
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
