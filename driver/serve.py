@@ -5,9 +5,9 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (with --api-key,
 these need `Authorization: Bearer <key>`), GET /health (200, or 503 once a worker died),
-GET /metrics (Prometheus text). A replica's engine places its
-TP workers in their own placement group, so the Ray dashboard shows the replica and, beside
-it, one `raytp-<engine>-tp<rank>` actor per shard. A dead worker fails Serve's health check and
+GET /metrics (Prometheus text). A replica's engine places its TP workers in their own
+placement group, so the Ray dashboard shows the replica and, beside it, one
+`raytp-<engine>-tp<rank>` actor per shard. A dead worker fails Serve's health check, and
 Serve replaces the replica with a fresh engine.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations as types.
