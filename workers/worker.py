@@ -113,11 +113,10 @@ class Worker:
             else:
                 self.runner.capture_graphs(cfg.scheduler.max_num_seqs, cfg.model.max_model_len)
 
-    def execute_model(self, so: SchedulerOutput | bytes) -> list[ModelRunnerOutput] | None:
-        """Queue step `so` (or its pickle, as the executor sends it); returns the outputs of
-        the steps finished by now (rank 0)."""
-        if isinstance(so, bytes):
-            so = pickle.loads(so)
+    def execute_model(self, data: bytes) -> list[ModelRunnerOutput] | None:
+        """Queue the step pickled in `data` (the executor pickles it once for every rank);
+        returns the outputs of the steps finished by now (rank 0)."""
+        so: SchedulerOutput = pickle.loads(data)
         # Cache moves first: swap-outs free device blocks the step may reuse.
         self.cache_engine.swap_out(so.blocks_to_swap_out)
         self.cache_engine.swap_in(so.blocks_to_swap_in)
