@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shlex
+import socket
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,13 @@ SHAPES: dict[str, dict] = {
 }
 # Prompt token ids are drawn from [lo, hi): ordinary (non-special) ids of each vocab.
 PROMPT_ID_RANGE = {"llama3-8b": (100, 30000), "tiny": (10, 512)}
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for a rendezvous or a server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def default_device(shape: str) -> str:

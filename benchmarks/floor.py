@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
-from benchmarks.common import (SHAPES, default_device, default_dtype, median, print_table,
+from benchmarks.common import (SHAPES, default_device, default_dtype, free_port, median, print_table,
                                write_result)
 
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -184,15 +183,10 @@ def run_tp(shape: str, batches: list[int], tp: int, device: str, dtype: str | No
         if torch.cuda.device_count() < tp:
             raise SystemExit(f"--tp {tp} needs {tp} GPUs; this machine has {torch.cuda.device_count()}")
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_tp_rank, args=(tp, _free_port(), shape, batches, device, dtype or default_dtype(device),
+    mp.spawn(_tp_rank, args=(tp, free_port(), shape, batches, device, dtype or default_dtype(device),
                              replays, queue), nprocs=tp, join=True)
     return queue.get()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

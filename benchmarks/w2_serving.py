@@ -19,20 +19,14 @@ import asyncio
 import json
 import math
 import random
-import socket
 import time
 
-from benchmarks.common import (add_common_args, make_llm, make_prompts, model_dir, print_table, resolve_args,
+from benchmarks.common import (add_common_args, free_port, make_llm, make_prompts, model_dir, print_table, resolve_args,
                                sampling, tokenizer_dir, write_result)
 from benchmarks.w1_throughput import w1_prompts
 
 MODEL = "w2"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args) -> str:
@@ -45,7 +39,7 @@ def start_server(args) -> str:
                                      max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                                      steps_in_flight=args.steps_in_flight,
                                      tensor_parallel_size=args.tp)
-    port = _free_port()
+    port = free_port()
     serve_cfg = ServeConfig(host="127.0.0.1", port=port, served_model_name=MODEL,
                             max_num_requests=max(512, args.num_requests), replica_num_cpus=0,
                             stream_interval=args.stream_interval)

@@ -3,7 +3,6 @@ outputs equal Hugging Face's, streaming equals whole responses, bad input gets O
 error body, overload is refused at once, a disconnect frees the KV blocks, and a dead
 worker is an error (never a hang) after which Serve brings up a fresh engine."""
 import random
-import socket
 import time
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 import ray
 from ray import serve
 
+from benchmarks.common import free_port
 from driver import serve as raytp_serve
 from driver.config import EngineConfig, ServeConfig
 from driver.tokenizer import apply_chat_template, load_tokenizer
@@ -25,17 +25,12 @@ KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = make_checkpoint(str(tmp_path_factory.mktemp("served")), "llama", seed=3,
                            max_position_embeddings=MAX_MODEL_LEN)
-    port = _free_port()
+    port = free_port()
     engine_cfg = EngineConfig.create(ckpt, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
     serve_cfg = ServeConfig(host="127.0.0.1", port=port, served_model_name=MODEL,
                             max_num_requests=MAX_REQUESTS, replica_num_cpus=0, api_key=KEY)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
 
+from benchmarks.common import free_port
 from driver.config import ModelArch
 from workers.attention import AttentionMetadata
 from workers.loader import dummy_weights, load_weights
@@ -257,17 +257,12 @@ def _tp_worker(rank: int, world: int, port: int, jobs: dict[str, str], out_path:
         ps.destroy_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_tensor_parallel_2_matches_transformers(checkpoints, tmp_path):
     import torch.multiprocessing as mp
     jobs = {name: path for name, (path, _, _) in checkpoints.items()}
     out_path = str(tmp_path / "tp_results.pt")
-    mp.spawn(_tp_worker, args=(2, _free_port(), jobs, out_path), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(2, free_port(), jobs, out_path), nprocs=2, join=True)
     results = torch.load(out_path)
     for name, (_, hf_x, hf_y) in checkpoints.items():
         _check(results[name], hf_x, hf_y)
