@@ -75,6 +75,15 @@ async def one_request(http, url: str, prompt: list[int], new_tokens: int, delay:
     return {"sent": sent, "first": first, "end": end, "tokens": tokens}
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's counters from /metrics (busy and device seconds, steps)."""
+    import urllib.request
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        lines = r.read().decode().splitlines()
+    pairs = (line.split() for line in lines if line and not line.startswith("#"))
+    return {k.removeprefix("raytp_"): float(v) for k, v in pairs}
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
@@ -90,18 +99,23 @@ async def run_rate(url: str, prompts: list[list[int]], new_tokens: int, rate: fl
     for _ in prompts:
         delays.append(t)
         t += 0.0 if math.isinf(rate) else rng.expovariate(rate)
+    before = engine_counters(url)
     connector = aiohttp.TCPConnector(limit=0)  # no cap: at rate inf every request is open at once
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
         start = time.perf_counter()
         recs = await asyncio.gather(*(one_request(http, url, p, new_tokens, d, stream) for p, d in zip(prompts, delays)))
     end = max(r["end"] for r in recs)
+    after = engine_counters(url)
+    busy = {k: round(after[k] - before[k], 3) for k in ("engine_step_seconds_total", "device_step_seconds_total")}
     if any(r["tokens"] != new_tokens for r in recs):
         raise RuntimeError(f"expected {new_tokens} tokens per request, got {sorted({r['tokens'] for r in recs})}")
     e2e = [r["end"] - r["sent"] for r in recs]
     out_tokens = sum(r["tokens"] for r in recs)
     row = {"rate_req_s": rate if not math.isinf(rate) else "inf", "requests": len(recs), "stream": stream,
            "wall_s": round(end - start, 3), "out_tok_s": round(out_tokens / (end - start), 1),
-           "e2e_s": {"p50": round(_pct(e2e, 50), 3), "p99": round(_pct(e2e, 99), 3)}}
+           "e2e_s": {"p50": round(_pct(e2e, 50), 3), "p99": round(_pct(e2e, 99), 3)},
+           # the engine's own time meanwhile: its steps' wall time, and the device's
+           "engine_step_s": busy["engine_step_seconds_total"], "device_s": busy["device_step_seconds_total"]}
     if stream:
         ttft = [1e3 * (r["first"] - r["sent"]) for r in recs]
         tpot = [1e3 * (r["end"] - r["first"]) / (r["tokens"] - 1) for r in recs]

@@ -61,8 +61,8 @@ class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str, stream_interval: int = 1):
         self.engine = engine
         self.stream_interval = stream_interval
-        # Its own tokenizer: the engine loop thread detokenizes with the engine's, and a Rust
-        # tokenizer used from two threads at once can fail ("Already borrowed").
+        # The engine detokenizes in its own process; this one tokenizes prompts, renders chat
+        # templates and spells out logprobs' tokens.
         self.tokenizer = load_tokenizer(engine.config.model.tokenizer)
         self.model_name = served_model_name
         self.created = int(time.time())

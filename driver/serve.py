@@ -5,10 +5,11 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (with --api-key,
 these need `Authorization: Bearer <key>`), GET /health (200, or 503 once a worker died),
-GET /metrics (Prometheus text). A replica's engine places its TP workers in their own
-placement group, so the Ray dashboard shows the replica and, beside it, one
-`raytp-<engine>-tp<rank>` actor per shard. A dead worker fails Serve's health check, and
-Serve replaces the replica with a fresh engine.
+GET /metrics (Prometheus text). A replica's engine steps in its own actor beside it
+(`raytp-core-<id>`, driver/engine_core.py), which places the TP workers in their own
+placement group: the Ray dashboard shows the replica, its core, and one
+`raytp-<engine>-tp<rank>` actor per shard. A dead worker or core fails Serve's health
+check, and Serve replaces the replica (its core and workers go with it) with a fresh engine.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations as types.
 
@@ -92,7 +93,7 @@ class OpenAIServer:
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
         lines = []
-        for key, value in self.engine.stats().items():
+        for key, value in (await self.engine.stats()).items():
             kind = "counter" if key.endswith("_total") else "gauge"
             lines += [f"# TYPE raytp_{key} {kind}", f"raytp_{key} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n")

@@ -80,15 +80,15 @@ def test_greedy_completion_matches_transformers(server, client):
 
 def test_a_tensor_parallel_replica_serves_the_same_model(server):
     """A second app whose engine has two TP workers (gloo), beside the first; deleting the app
-    takes its workers and placement group with it."""
+    takes its engine core, workers and placement group with it."""
     ckpt, url = server
     engine_cfg = EngineConfig.create(ckpt, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
                                      tensor_parallel_size=2)
     serve_cfg = ServeConfig(served_model_name=MODEL, replica_num_cpus=0, api_key=KEY)
-    before = _raytp_workers()
+    before = _raytp_actors()
     serve.run(raytp_serve.build_app(engine_cfg, serve_cfg), name="tp2", route_prefix="/tp2")
     try:
-        assert len(_raytp_workers()) == len(before) + 2
+        assert len(_raytp_actors()) == len(before) + 3  # its engine core and two workers
         prompt = [random.Random(1).randrange(3, 500) for _ in range(23)]
         ref, ref_lps = hf_greedy(ckpt, prompt, 6)
         tp2 = openai.OpenAI(base_url=url + "/tp2/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -100,12 +100,12 @@ def test_a_tensor_parallel_replica_serves_the_same_model(server):
     finally:
         serve.delete("tp2")
     deadline = time.monotonic() + 30
-    while _raytp_workers() != before and time.monotonic() < deadline:
+    while _raytp_actors() != before and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _raytp_workers() == before
+    assert _raytp_actors() == before
 
 
-def _raytp_workers() -> list[str]:
+def _raytp_actors() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith("raytp-"))
 
@@ -225,11 +225,13 @@ def test_overload_is_refused_at_once_and_disconnects_free_the_blocks(server):
     assert generated < MAX_REQUESTS * 2000 / 2  # aborted well before their ends
 
 
-def test_dead_worker_is_an_error_then_serve_restarts_the_engine(server, client):
-    """Runs last in this module: it kills the engine's worker."""
+@pytest.mark.parametrize("victim", ["-tp0", "core-"])
+def test_dead_engine_is_an_error_then_serve_restarts_it(server, client, victim):
+    """Run last in this module: they kill the engine's worker, then its core process."""
     _, url = server
-    [worker] = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("raytp-")]
-    ray.kill(ray.get_actor(worker["name"], namespace=worker["namespace"]), no_restart=True)
+    [actor] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("raytp-") and victim in a["name"]]
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     start = time.monotonic()
     with pytest.raises(openai.InternalServerError, match="engine"):
         client.completions.create(model=MODEL, prompt="hello", max_tokens=4)
@@ -246,6 +248,11 @@ def test_dead_worker_is_an_error_then_serve_restarts_the_engine(server, client):
     out = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
+    # The old replica's core and workers went with it: one engine's actors are left.
+    deadline = time.monotonic() + 30
+    while len(names := _raytp_actors()) != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sum("core-" in n for n in names) == 1 and sum("-tp" in n for n in names) == 1, names
 
 
 def test_cli_serve_help_explains():
