@@ -171,8 +171,10 @@ def main() -> None:
             offline_s = run_offline(args, w1_prompts(args.shape, args.num_requests, seed=1 + rates.index(math.inf)))
             print(f"offline (LLM.generate, same prompts as rate inf): {offline_s} s", flush=True)
         url = start_server(args)
-        warm = w1_prompts(args.shape, 8, lo=64, hi=128, seed=100)
-        asyncio.run(run_rate(url, warm, 8, math.inf, 0))
+        # Warm-up: a burst as wide as the runs (short prompts and outputs), so that the first
+        # measured run does not pay the server's first-time costs at that concurrency.
+        warm = w1_prompts(args.shape, args.num_requests, lo=64, hi=128, seed=100)
+        asyncio.run(run_rate(url, warm, 16, math.inf, 0))
         rows = []
         for i, rate in enumerate(rates):
             prompts = w1_prompts(args.shape, args.num_requests, seed=1 + i)

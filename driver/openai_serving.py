@@ -37,6 +37,13 @@ async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
     """(index, item) from several async iterators as items arrive. Closes all of them when it
     ends, fails, is cancelled, or is closed: iterate it inside `aclosing` so that leaving the
     loop early closes it at once."""
+    if len(gens) == 1:  # the common call: no futures or waits per item
+        try:
+            async for item in gens[0]:
+                yield 0, item
+        finally:
+            await gens[0].aclose()
+        return
     pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens)}
     try:
         while pending:

@@ -135,4 +135,25 @@ def test_merge_interleaves_and_closes_every_stream_on_early_exit():
             await task
         assert sorted(closed) == ["a", "b"]
 
+        # One stream (its own path): the same guarantees.
+        closed.clear()
+        assert [x async for x in merge([numbers("a", 3, 0)])] == [(0, "a0"), (0, "a1"), (0, "a2")]
+        async with aclosing(merge([numbers("b", 100, 0.001)])) as items:
+            async for _ in items:
+                break
+        assert closed == ["a", "b"]
+        closed.clear()
+
+        async def consume_one():
+            async with aclosing(merge([numbers("c", 100, 0.01)])) as items:
+                async for _ in items:
+                    pass
+
+        task = asyncio.create_task(consume_one())
+        await asyncio.sleep(0.035)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert closed == ["c"]
+
     asyncio.run(main())
