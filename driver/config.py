@@ -139,9 +139,9 @@ class ServeConfig:
     served_model_name: str | None = None  # None: the model directory's name
     max_num_requests: int = 512  # engine requests in flight per replica; more get a 503 at once
     num_replicas: int = 1  # each replica owns a whole engine (tensor_parallel_size devices)
-    replica_num_cpus: float = 1.0  # Ray CPUs reserved for a replica (its driver loop and HTTP)
+    replica_num_cpus: float = 1.0  # Ray CPUs reserved for a replica (its engine core reserves none)
     # Tokens per streamed chunk (the first token is always sent at once): above 1, fewer
-    # messages through Serve's proxy, which at high concurrency costs more than the engine.
+    # messages through Serve's proxy, each of which costs the replica and the proxy Python time.
     stream_interval: int = 1
     api_key: str | None = None  # when set, /v1/* requests need `Authorization: Bearer <api_key>`
 

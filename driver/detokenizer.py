@@ -22,11 +22,11 @@ touches the new delta is searched, so each step is O(delta + longest stop).
 
 Streaming and stop strings: a delta that was already streamed can hold the
 start of a stop string that is completed only by a later token (stop "abc",
-delta "xab", then "c"). vLLM's v0 engine streams such deltas anyway; raytp's
-default is the same (simple, lowest latency). `next_stream_delta` implements
-the v1 engine's alternative, holding back the last len(longest stop) - 1
-characters until the request finishes, for callers that must never stream
-any part of a stop string.
+delta "xab", then "c"). The engine's outputs carry such text until the stop
+string completes (vLLM v0 streamed it so). `next_stream_delta` does as the v1
+engine: it holds back the last len(longest stop) - 1 characters until the
+request finishes, and the OpenAI server streams through it, so a stream never
+sends any part of a stop string.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from driver.async_engine import AsyncLLMEngine, EngineOverloadedError
+from driver.detokenizer import next_stream_delta
 from driver.engine import EngineDeadError
 from driver.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
 from driver.outputs import CompletionOutput, RequestOutput
@@ -146,8 +147,11 @@ class OpenAIServing:
         if not due:
             return None
         echo = self._prompt_text(req, i) if first and req.echo else ""  # the prompt leads the first delta
-        text = echo + c.text[chars:]
-        sent[index] = (len(c.text), len(c.token_ids))
+        # The tail that could start a stop string waits until the choice ends (vLLM v1's
+        # hold-back): a stream never sends text that the whole response would not have.
+        new_text = next_stream_delta(c.text, chars, req.params.stop or (), c.finish_reason is not None)
+        text = echo + new_text
+        sent[index] = (chars + len(new_text), len(c.token_ids))
         logprobs = self._logprobs(req, new_ids, new_lps, chat) if req.logprobs else None
         if not chat:
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}

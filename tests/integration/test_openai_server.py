@@ -162,6 +162,28 @@ def test_stop_string_ends_the_text(client):
     assert out.text == text[:text.index(stop)]
 
 
+
+def test_a_stream_never_sends_part_of_a_stop_string(client):
+    """A stop string that starts in one step's text and ends in the next one's: the first
+    step's tail must wait until the second shows whether the stop string completes."""
+    kw = dict(model=MODEL, prompt="abc", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    pieces = [ch.choices[0].text for ch in client.completions.create(stream=True, **kw)]
+    text = "".join(pieces)
+    pos = 0
+    for k in range(len(pieces) - 1):
+        pos += len(pieces[k])
+        stop = pieces[k][-1:] + pieces[k + 1][:2]
+        if len(stop) == 3 and stop.isascii() and stop.isprintable() and text.find(stop) == pos - 1:
+            break
+    else:
+        pytest.skip("no step boundary to put a stop string across")
+    out = client.completions.create(stop=[stop], **kw).choices[0]
+    assert out.text == text[:pos - 1] and out.finish_reason == "stop"
+    chunks = list(client.completions.create(stop=[stop], stream=True, **kw))
+    assert "".join(ch.choices[0].text for ch in chunks) == out.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("body, status, param, says", [
     ({"prompt": "hi"}, 400, "model", "'model' is required"),
     ({"model": "gpt-9", "prompt": "hi"}, 404, "model", "does not exist"),
