@@ -188,11 +188,12 @@ class EngineCore:
         deltas = [OutputDelta(request_id, [], True, error=error) for request_id in self._sent]
         self._sent.clear()
         with self._lock:
+            self._outbox.extend(deltas)
             self._dead = error
-        self._send(deltas)
+        self._notify()
 
     def _send(self, deltas: list[OutputDelta]) -> None:
-        if deltas or self._dead is not None:
+        if deltas:
             with self._lock:
                 self._outbox.extend(deltas)
             self._notify()
@@ -209,7 +210,10 @@ def start_engine_core(config: EngineConfig):
     # replica that could be placed can always start its core beside it.
     core = ray.remote(EngineCore).options(
         num_cpus=0, name=f"raytp-core-{_short_id()}",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(config)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        # Ray warns of any blocking ray.get in an async actor; here they are the loop
+        # thread's waits on its workers, off the event loop by design.
+        runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}).remote(config)
     try:
         ray.get(core.start.remote())
     except ray.exceptions.RayTaskError as e:
