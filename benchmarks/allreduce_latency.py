@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import print_table, write_result
+from benchmarks.common import print_table, require_cuda, write_result
 from workers.communicator import SymmMemAllReduce
 
 HIDDEN = 4096
@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    require_cuda("allreduce_latency", 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import median, print_table, write_result
+from benchmarks.common import median, print_table, require_cuda, write_result
 from benchmarks.floor import _time_graph
 
 
@@ -20,6 +20,7 @@ def main() -> None:
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    require_cuda("argmax")
     import torch
     from ops import cupy_ops
     rows = []

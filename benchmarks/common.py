@@ -174,6 +174,16 @@ def wait_gpu_free(fraction: float = 0.8, timeout_s: float = 60.0) -> float:
         time.sleep(0.5)
 
 
+def require_cuda(benchmark: str, gpus: int = 1) -> None:
+    """Exit with a message that says what to do, where a GPU probe cannot run."""
+    import torch
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < gpus:
+        sys.exit(f"benchmarks.{benchmark} measures CUDA kernels and needs {gpus} GPU(s) (this host has {have}); "
+                 f"run it on a GPU machine, or use a workload benchmark (w0_latency, w1_throughput, ...) "
+                 f"with --shape tiny on the CPU")
+
+
 def device_info(device: str = "cuda") -> str:
     import torch
     if device == "cuda" and torch.cuda.is_available():

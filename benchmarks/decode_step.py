@@ -16,7 +16,7 @@ import argparse
 import itertools
 import json
 
-from benchmarks.common import SHAPES, hf_config_dict, median, print_table, write_result
+from benchmarks.common import SHAPES, hf_config_dict, median, print_table, require_cuda, write_result
 from benchmarks.floor import _time_graph, floor_ms
 
 BLOCK_SIZE = 16
@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also print the top kernels of each path")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    require_cuda("decode_step")
     import torch
     import workers.model as M
     from ops import cupy_attention, cupy_decode

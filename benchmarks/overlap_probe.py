@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import print_table, write_result
+from benchmarks.common import print_table, require_cuda, write_result
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS, BLOCK = 4096, 32, 8, 128, 14336, 32, 16
 
@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--carveouts", default="16,32", help="SMs kept from cuBLAS in the carveout variants")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    require_cuda("overlap_probe")
     import torch
     torch.manual_seed(0)
     layers, caches, lens, x = build(args.batch, args.context)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import write_result
+from benchmarks.common import require_cuda, write_result
 
 # name: (N, K) per layer, Llama-3-8B at TP=1
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--tokens", default="8192", help="comma-separated M (tokens per step)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    require_cuda("prefill_gemm")
     import torch
     torch.manual_seed(0)
     rows = []
