@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from driver.config import EngineConfig
 from driver.engine import EngineDeadError
 from driver.engine_core import OutputDelta, start_engine_core
 from driver.outputs import CompletionOutput, RequestOutput
+from driver.request_metrics import RequestMetrics
 from driver.sampling_params import SamplingParams
 
 logger = logging.getLogger("raytp.async_engine")
@@ -37,6 +39,8 @@ class RequestStream:
     def __init__(self, request_id: str, prompt: list[int]):
         self.request_id = request_id
         self.output = RequestOutput(request_id, None, prompt, [], False)
+        self.arrived = time.monotonic()
+        self.first_token: float | None = None  # when the first output token came
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False  # the reader has seen the last output
 
@@ -53,6 +57,8 @@ class RequestStream:
         # A fresh object per delta: a reader holding the previous one never sees it change.
         self.output = RequestOutput(self.request_id, None, self.output.prompt_token_ids,
                                     [done[i] for i in sorted(done)], delta.finished, delta.num_cached_tokens)
+        if self.first_token is None and any(d.token_ids for d in delta.completions):
+            self.first_token = time.monotonic()
         self._queue.put_nowait(self.output)
 
     def fail(self, error: BaseException) -> None:
@@ -82,6 +88,7 @@ class AsyncLLMEngine:
         self.core = start_engine_core(config)
         self.dead: Exception | None = None
         self._streams: dict[str, RequestStream] = {}  # added, not yet finished or aborted
+        self.metrics = RequestMetrics()  # latency histograms of the requests served here
         self._reader: asyncio.Task | None = None
 
     def generate(self, prompt: list[int], params: SamplingParams,
@@ -125,6 +132,9 @@ class AsyncLLMEngine:
                         stream.apply(delta)
                         if delta.finished:
                             del self._streams[delta.request_id]
+                            if delta.error is None:
+                                tokens = max((len(c.token_ids) for c in stream.output.outputs), default=0)
+                                self.metrics.finished(stream.arrived, stream.first_token, tokens)
                 if dead is not None:
                     self._die(dead)
                     return

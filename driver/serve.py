@@ -96,6 +96,7 @@ class OpenAIServer:
         for key, value in (await self.engine.stats()).items():
             kind = "counter" if key.endswith("_total") else "gauge"
             lines += [f"# TYPE raytp_{key} {kind}", f"raytp_{key} {value}"]
+        lines += self.engine.metrics.prometheus("raytp_")
         return PlainTextResponse("\n".join(lines) + "\n")
 
     async def _respond(self, request: Request, handler) -> Response:

@@ -110,6 +110,19 @@ def _raytp_actors() -> list[str]:
                   if a["name"].startswith("raytp-"))
 
 
+def test_metrics_count_each_request_latency(server, client):
+    _, url = server
+    before = _metrics(url)
+    client.completions.create(model=MODEL, prompt="hi", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    after = _metrics(url)
+    for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
+        count = f"raytp_{name}_seconds_count"
+        assert after[count] == before[count] + 1
+        assert after[f'raytp_{name}_seconds_bucket{{le="+Inf"}}'] == after[count]
+        assert after[f"raytp_{name}_seconds_sum"] > before[f"raytp_{name}_seconds_sum"]
+    assert after["raytp_engine_step_seconds_total"] > before["raytp_engine_step_seconds_total"]
+
+
 def test_chat_goes_through_the_template(server, client):
     ckpt, _ = server
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
