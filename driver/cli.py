@@ -186,7 +186,12 @@ def cmd_serve(args) -> int:
     name = serve_config.served_model_name or raytp_serve.served_name(engine_config)
     print(f"raytp: serving {name!r} at http://{serve_config.host}:{serve_config.port}/v1 (Ctrl-C stops)",
           file=sys.stderr)
-    raytp_serve.run(engine_config, serve_config, blocking=True)
+    try:
+        raytp_serve.run(engine_config, serve_config, blocking=True)
+    except KeyboardInterrupt:  # Ctrl-C: take the app (and its engines) off the cluster
+        print("raytp: stopping the server", file=sys.stderr)
+        from ray import serve
+        serve.delete("raytp")
     return 0
 
 
