@@ -73,11 +73,11 @@ def check_length(num_prompt: int, max_tokens: int | None, max_model_len: int, pa
                        param=param, code="context_length_exceeded")
 
 
-def _check_ids(ids: list, vocab_size: int) -> list[int]:
-    if not ids:
-        raise APIError("'prompt' is empty; give at least one token", param="prompt")
+def _check_ids(ids: list, vocab_size: int, param: str = "prompt") -> list[int]:
+    if not ids and param == "prompt":
+        raise APIError("'prompt' is empty; give at least one token", param=param)
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
-        raise APIError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
+        raise APIError(f"{param} token ids must be integers in [0, {vocab_size})", param=param)
     return list(ids)
 
 
@@ -159,6 +159,16 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
                        param=param) from e
 
 
+def _chat_ids(body: dict, tokenizer) -> list[int]:
+    messages = _chat_messages(body)
+    try:
+        return apply_chat_template(tokenizer, messages)
+    except ValueError as e:
+        raise APIError(str(e), param="messages") from e
+    except Exception as e:  # the template itself raised (e.g. roles out of order)
+        raise APIError(f"the chat template rejected the messages: {e}", param="messages") from e
+
+
 def _stream_options(body: dict) -> tuple[bool, bool]:
     stream = _field(body, "stream", (bool,), False)
     opts = _field(body, "stream_options", (dict,), {})
@@ -181,14 +191,7 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
                served_model_name: str) -> ParsedRequest:
     model = check_model(body, served_model_name)
-    messages = _chat_messages(body)
-    try:
-        ids = apply_chat_template(tokenizer, messages)
-    except ValueError as e:
-        raise APIError(str(e), param="messages") from e
-    except Exception as e:  # the template itself raised (e.g. roles out of order)
-        raise APIError(f"the chat template rejected the messages: {e}", param="messages") from e
-    ids = _check_ids(ids, vocab_size)
+    ids = _check_ids(_chat_ids(body, tokenizer), vocab_size)
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _field(body, param, (int,), None)  # None: up to the context limit
     check_length(len(ids), max_tokens, max_model_len, param)
@@ -201,4 +204,25 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     return ParsedRequest(model, [ids], [None], params, stream, usage, logprobs=want_logprobs)
 
 
-__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "check_length", "MAX_TOP_LOGPROBS"]
+def parse_tokenize(body: dict, tokenizer, served_model_name: str) -> list[int]:
+    """vLLM's /tokenize: a 'prompt' string, or chat 'messages' through the template."""
+    check_model(body, served_model_name)
+    if "messages" in body:
+        return _chat_ids(body, tokenizer)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise APIError("'prompt' must be a string (or send chat 'messages')", param="prompt")
+    return encode_prompt(tokenizer, prompt)
+
+
+def parse_detokenize(body: dict, vocab_size: int, served_model_name: str) -> list[int]:
+    """vLLM's /detokenize: 'tokens', a list of token ids."""
+    check_model(body, served_model_name)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        raise APIError("'tokens' must be a list of token ids", param="tokens")
+    return _check_ids(tokens, vocab_size, param="tokens")
+
+
+__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "parse_tokenize", "parse_detokenize",
+           "check_length", "MAX_TOP_LOGPROBS"]

@@ -17,7 +17,8 @@ from contextlib import aclosing
 from driver.async_engine import AsyncLLMEngine, EngineOverloadedError
 from driver.detokenizer import next_stream_delta
 from driver.engine import EngineDeadError
-from driver.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
+from driver.openai_protocol import (APIError, ParsedRequest, parse_chat, parse_completion, parse_detokenize,
+                                    parse_tokenize)
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.tokenizer import load_tokenizer
 
@@ -79,6 +80,14 @@ class OpenAIServing:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raytp",
                 "max_model_len": self.engine.config.model.max_model_len}
         return {"object": "list", "data": [card]}
+
+    async def tokenize(self, body: dict) -> dict:
+        ids = parse_tokenize(body, self.tokenizer, self.model_name)
+        return {"count": len(ids), "max_model_len": self.engine.config.model.max_model_len, "tokens": ids}
+
+    async def detokenize(self, body: dict) -> dict:
+        ids = parse_detokenize(body, self.engine.config.model.arch.vocab_size, self.model_name)
+        return {"prompt": self.tokenizer.decode(ids)}
 
     async def completions(self, body: dict) -> dict | AsyncIterator[str]:
         return await self._serve(body, chat=False)

@@ -3,13 +3,15 @@
     raytp serve --model DIR --tp 2            # or: serve.run(build_app(engine_cfg, serve_cfg))
     curl localhost:8000/v1/completions -d '{"model": "DIR-name", "prompt": "Hello"}'
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (with --api-key,
-these need `Authorization: Bearer <key>`), GET /health (200, or 503 once a worker died),
-GET /metrics (Prometheus text). A replica's engine steps in its own actor beside it
-(`raytp-core-<id>`, driver/engine_core.py), which places the TP workers in their own
-placement group: the Ray dashboard shows the replica, its core, and one
-`raytp-<engine>-tp<rank>` actor per shard. A dead worker or core fails Serve's health
-check, and Serve replaces the replica (its core and workers go with it) with a fresh engine.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize and
+POST /detokenize (vLLM's; with --api-key, all these need `Authorization: Bearer <key>`),
+GET /health (200, or 503 once the engine died), GET /metrics (Prometheus text).
+
+A replica's engine steps in its own actor beside it (`raytp-core-<id>`,
+driver/engine_core.py), which places the TP workers in their own placement group: the Ray
+dashboard shows the replica, its core, and one `raytp-<engine>-tp<rank>` actor per shard.
+A dead worker or core fails Serve's health check, and Serve replaces the replica (its core
+and workers go with it) with a fresh engine.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations as types.
 
@@ -89,6 +91,14 @@ class OpenAIServer:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._respond(request, self.api.chat_completions)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._respond(request, self.api.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._respond(request, self.api.detokenize)
 
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

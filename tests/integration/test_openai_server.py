@@ -14,7 +14,7 @@ from ray import serve
 from benchmarks.common import free_port
 from driver import serve as raytp_serve
 from driver.config import EngineConfig, ServeConfig
-from driver.tokenizer import apply_chat_template, load_tokenizer
+from driver.tokenizer import apply_chat_template, encode_prompt, load_tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.hf_reference import hf_greedy
 
@@ -121,6 +121,22 @@ def test_metrics_count_each_request_latency(server, client):
         assert after[f'raytp_{name}_seconds_bucket{{le="+Inf"}}'] == after[count]
         assert after[f"raytp_{name}_seconds_sum"] > before[f"raytp_{name}_seconds_sum"]
     assert after["raytp_engine_step_seconds_total"] > before["raytp_engine_step_seconds_total"]
+
+
+def test_tokenize_and_detokenize(server):
+    ckpt, url = server
+    tok = load_tokenizer(ckpt)
+    post = lambda path, body: httpx.post(url + path, json={"model": MODEL, **body}, headers=AUTH, timeout=30)
+    r = post("/tokenize", {"prompt": "Hello world"}).json()
+    assert r["tokens"] == encode_prompt(tok, "Hello world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == MAX_MODEL_LEN
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert post("/tokenize", {"messages": messages}).json()["tokens"] == apply_chat_template(tok, messages)
+    assert post("/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": tok.decode(r["tokens"])}
+    bad = post("/detokenize", {"tokens": [10 ** 7]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert post("/tokenize", {"prompt": 5}).json()["error"]["param"] == "prompt"
+    assert httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "x"}, timeout=30).status_code == 401
 
 
 def test_chat_goes_through_the_template(server, client):
