@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from typing import NamedTuple
 
 from driver.config import EngineConfig
 from driver.engine import EngineDeadError, LLMEngine
+from driver.metrics import RayMetrics
 from driver.outputs import RequestOutput
 from driver.sampling_params import SamplingParams
 
@@ -78,11 +80,13 @@ class EngineCore:
         self._lock = threading.Lock()
         self._notify = lambda: None  # wakes the outputs() reader; set when it starts
         self._sent: dict[str, dict[int, tuple[int, int]]] = {}  # the loop thread's
+        self._ray_metrics: RayMetrics | None = None
         self._stop = False
 
-    def start(self) -> None:
+    def start(self, name: str) -> None:
         """Builds the engine (workers, KV cache): its errors reach the caller as they are."""
         self.engine = LLMEngine(self.config)
+        self._ray_metrics = RayMetrics(name, os.path.basename(os.path.normpath(self.config.model.model)))
         threading.Thread(target=self._loop, name="raytp-engine-loop", daemon=True).start()
 
     async def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
@@ -135,6 +139,7 @@ class EngineCore:
         while not self._stop:
             self._wake.clear()
             self._drain_inbox()
+            self._ray_metrics.publish(self.stats())
             if self.engine.dead is not None or not self.engine.has_unfinished_work():
                 self._wake.wait(timeout=1.0)
                 continue
@@ -208,14 +213,15 @@ def start_engine_core(config: EngineConfig):
     here = ray.get_runtime_context().get_node_id()
     # No CPU reserved: like the workers' coordinator before it, it holds no device, and a
     # replica that could be placed can always start its core beside it.
+    name = f"raytp-core-{_short_id()}"
     core = ray.remote(EngineCore).options(
-        num_cpus=0, name=f"raytp-core-{_short_id()}",
+        num_cpus=0, name=name,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         # Ray warns of any blocking ray.get in an async actor; here they are the loop
         # thread's waits on its workers, off the event loop by design.
         runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}).remote(config)
     try:
-        ray.get(core.start.remote())
+        ray.get(core.start.remote(name))
     except ray.exceptions.RayTaskError as e:
         ray.kill(core)
         raise e.cause from None

@@ -64,3 +64,37 @@ class EngineMetrics:
                 "mean_gpu_step_s": self.gpu_time_s / max(self.num_steps, 1),
                 "total_step_s": self.step_time_s, "worker_phase_total_s": dict(self.phase_time_s),
                 "driver_phase_total_s": dict(self.driver_time_s)}
+
+
+class RayMetrics:
+    """An engine's counters as Ray metrics (ray.util.metrics), so the cluster's Prometheus
+    endpoint, and the Ray dashboard's Metrics view on top of it, show every engine as
+    `ray_raytp_*{engine=..., model=...}`. Fed the same dict as /metrics, at most once per
+    `interval_s`; keys ending in `_total` are counters, the others gauges."""
+
+    def __init__(self, engine: str, model: str, interval_s: float = 1.0):
+        self.tags = {"engine": engine, "model": model}
+        self.interval_s = interval_s
+        self._metrics: dict = {}
+        self._last: dict[str, float] = {}  # counters' values already published
+        self._published = 0.0
+
+    def publish(self, stats: dict[str, float], force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._published < self.interval_s:
+            return
+        self._published = now
+        from ray.util.metrics import Counter, Gauge
+        for key, value in stats.items():
+            metric = self._metrics.get(key)
+            if metric is None:
+                kind = Counter if key.endswith("_total") else Gauge
+                metric = self._metrics[key] = kind(f"raytp_{key}", description=f"raytp engine: {key}",
+                                                   tag_keys=tuple(self.tags))
+            if key.endswith("_total"):
+                delta = value - self._last.get(key, 0.0)
+                if delta > 0:
+                    metric.inc(delta, tags=self.tags)
+                self._last[key] = value
+            else:
+                metric.set(value, tags=self.tags)

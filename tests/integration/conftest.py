@@ -6,7 +6,9 @@ import ray
 def ray_cluster():
     """One local Ray cluster for the integration tests; engines join it."""
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        # Ray metrics every second (default 10 s): the Serve tests read engines' metrics.
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+                 _system_config={"metrics_report_interval_ms": 1000})
     yield
     ray.shutdown()
 

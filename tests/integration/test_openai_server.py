@@ -2,6 +2,7 @@
 outputs equal Hugging Face's, streaming equals whole responses, bad input gets OpenAI's
 error body, overload is refused at once, a disconnect frees the KV blocks, and a dead
 worker is an error (never a hang) after which Serve brings up a fresh engine."""
+import os
 import random
 import time
 
@@ -121,6 +122,26 @@ def test_metrics_count_each_request_latency(server, client):
         assert after[f'raytp_{name}_seconds_bucket{{le="+Inf"}}'] == after[count]
         assert after[f"raytp_{name}_seconds_sum"] > before[f"raytp_{name}_seconds_sum"]
     assert after["raytp_engine_step_seconds_total"] > before["raytp_engine_step_seconds_total"]
+
+
+def test_engines_publish_ray_metrics(server, client):
+    """Each engine core's counters reach Ray's metrics (the dashboard's source), tagged
+    with the engine's actor name and the model."""
+    import urllib.request
+    client.completions.create(model=MODEL, prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
+    [core] = [n for n in _raytp_actors() if n.startswith("raytp-core-")]
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, found = time.monotonic() + 60, {}
+    while time.monotonic() < deadline and len(found) < 2:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            name = line.split("{")[0]
+            if name in ("ray_raytp_generation_tokens_total", "ray_raytp_num_gpu_blocks") \
+                    and f'engine="{core}"' in line and f'model="{os.path.basename(server[0])}"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+        time.sleep(1)
+    assert found.get("ray_raytp_generation_tokens_total", 0) >= 3, found
+    assert found.get("ray_raytp_num_gpu_blocks", 0) > 0, found
 
 
 def test_tokenize_and_detokenize(server):
