@@ -3,8 +3,9 @@ as vLLM v1's EngineCore runs beside its API server.
 
 A server's process streams HTTP responses; every chunk costs it Python time under its GIL.
 With the engine loop in that same process, each step waited for that work (W2 at
-saturation: 1.33x the offline wall time). Here the loop has a process to itself, and the
-server (driver/async_engine.py) only sends requests and reads each step's deltas.
+saturation: 1.27-1.33x the offline wall time; 1.11-1.15x since). Here the loop has a
+process to itself, and the server (driver/async_engine.py) only sends requests and reads
+each step's deltas.
 
     core = start_engine_core(config)              # owned by the caller: dies with it
     core.add.remote(request_id, prompt_ids, params)
@@ -14,8 +15,8 @@ server (driver/async_engine.py) only sends requests and reads each step's deltas
 Invariants: only the loop thread touches the LLMEngine (it is not thread-safe); adds and
 aborts reach it through one queue, in the order the caller sent them (an async actor runs
 its calls in submission order, and these never await). Every added request gets exactly
-one last delta (finished, or with an error); after a fatal error `dead` is set in the
-message that carries it, and every later add gets an EngineDeadError delta.
+one last delta (finished, or with an error), until a fatal error: the message that
+carries it (`dead`) is the stream's last, and the server refuses later requests itself.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import logging
 import os
 import queue
 import threading
+import uuid
 from typing import NamedTuple
 
 from driver.config import EngineConfig
@@ -213,7 +215,7 @@ def start_engine_core(config: EngineConfig):
     here = ray.get_runtime_context().get_node_id()
     # No CPU reserved: like the workers' coordinator before it, it holds no device, and a
     # replica that could be placed can always start its core beside it.
-    name = f"raytp-core-{_short_id()}"
+    name = f"raytp-core-{uuid.uuid4().hex[:8]}"
     core = ray.remote(EngineCore).options(
         num_cpus=0, name=name,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
@@ -226,11 +228,6 @@ def start_engine_core(config: EngineConfig):
         ray.kill(core)
         raise e.cause from None
     return core
-
-
-def _short_id() -> str:
-    import uuid
-    return uuid.uuid4().hex[:8]
 
 
 __all__ = ["CompletionDelta", "EngineCore", "OutputDelta", "make_delta", "start_engine_core"]
