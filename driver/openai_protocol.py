@@ -73,9 +73,9 @@ def check_length(num_prompt: int, max_tokens: int | None, max_model_len: int, pa
                        param=param, code="context_length_exceeded")
 
 
-def _check_ids(ids: list, vocab_size: int, param: str = "prompt") -> list[int]:
-    if not ids and param == "prompt":
-        raise APIError("'prompt' is empty; give at least one token", param=param)
+def _check_ids(ids: list, vocab_size: int, param: str = "prompt", allow_empty: bool = False) -> list[int]:
+    if not ids and not allow_empty:
+        raise APIError(f"'{param}' is empty; give at least one token", param=param)
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
         raise APIError(f"{param} token ids must be integers in [0, {vocab_size})", param=param)
     return list(ids)
@@ -221,7 +221,7 @@ def parse_detokenize(body: dict, vocab_size: int, served_model_name: str) -> lis
     tokens = body.get("tokens")
     if not isinstance(tokens, list):
         raise APIError("'tokens' must be a list of token ids", param="tokens")
-    return _check_ids(tokens, vocab_size, param="tokens")
+    return _check_ids(tokens, vocab_size, param="tokens", allow_empty=True)
 
 
 __all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "parse_tokenize", "parse_detokenize",
