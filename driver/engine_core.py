@@ -138,33 +138,36 @@ class EngineCore:
     # ---- the loop thread ----
 
     def _loop(self) -> None:
-        while not self._stop:
-            self._wake.clear()
-            self._drain_inbox()
-            self._ray_metrics.publish(self.stats())
-            if self.engine.dead is not None or not self.engine.has_unfinished_work():
-                self._wake.wait(timeout=1.0)
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:
-                if self._stop:  # shutdown() took the workers away mid-step
-                    return
-                # A worker died, or a step's outputs could not be made: the scheduler's state is
-                # unknown either way, so the engine stops (the server's health check replaces it).
-                logger.exception("engine loop stopped")
-                if self.engine.dead is None:
-                    self.engine.fail(e)
-                self._fail_all(e if isinstance(e, EngineDeadError) else EngineDeadError(f"the engine stopped: {e}"))
-                continue
-            deltas = []
-            for out in outputs:
-                sent = self._sent.get(out.request_id)
-                if sent is not None:
-                    deltas.append(make_delta(out, sent))
-                    if out.finished:
-                        del self._sent[out.request_id]
-            self._send(deltas)
+        """Steps while there is work. Any error in here (a worker died, a step's outputs could
+        not be made, a bug between steps) leaves the scheduler's state unknown, so the engine
+        stops: every open request gets the error, and the server's health check replaces it.
+        Ending silently would leave requests waiting forever."""
+        try:
+            while not self._stop:
+                self._wake.clear()
+                self._drain_inbox()
+                self._ray_metrics.publish(self.stats())
+                if not self.engine.has_unfinished_work():
+                    self._wake.wait(timeout=1.0)
+                    continue
+                self._send(self._deltas(self.engine.step()))
+        except Exception as e:
+            if self._stop:  # shutdown() took the workers away mid-step
+                return
+            logger.exception("engine loop stopped")
+            if self.engine.dead is None:
+                self.engine.fail(e)
+            self._fail_all(e if isinstance(e, EngineDeadError) else EngineDeadError(f"the engine stopped: {e}"))
+
+    def _deltas(self, outputs: list[RequestOutput]) -> list[OutputDelta]:
+        deltas = []
+        for out in outputs:
+            sent = self._sent.get(out.request_id)
+            if sent is not None:
+                deltas.append(make_delta(out, sent))
+                if out.finished:
+                    del self._sent[out.request_id]
+        return deltas
 
     def _drain_inbox(self) -> None:
         rejected = []

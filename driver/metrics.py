@@ -79,11 +79,18 @@ class RayMetrics:
         self._last: dict[str, float] = {}  # counters' values already published
         self._published = 0.0
 
-    def publish(self, stats: dict[str, float], force: bool = False) -> None:
+    def publish(self, stats: dict[str, float]) -> None:
         now = time.monotonic()
-        if not force and now - self._published < self.interval_s:
+        if now - self._published < self.interval_s:
             return
         self._published = now
+        try:
+            self._publish(stats)
+        except Exception:  # metrics are not worth an engine: say so once, then stop publishing
+            logger.exception("Ray metrics stopped")
+            self.interval_s = float("inf")
+
+    def _publish(self, stats: dict[str, float]) -> None:
         from ray.util.metrics import Counter, Gauge
         for key, value in stats.items():
             metric = self._metrics.get(key)
