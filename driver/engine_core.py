@@ -3,7 +3,7 @@ as vLLM v1's EngineCore runs beside its API server.
 
 A server's process streams HTTP responses; every chunk costs it Python time under its GIL.
 With the engine loop in that same process, each step waited for that work (W2 at
-saturation: 1.27-1.33x the offline wall time; 1.11-1.15x since). Here the loop has a
+saturation: 1.27-1.33x the offline wall time; 1.05-1.15x since). Here the loop has a
 process to itself, and the server (driver/async_engine.py) only sends requests and reads
 each step's deltas.
 
