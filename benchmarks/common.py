@@ -196,6 +196,24 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def cuda_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median ms of `fn` on the device over `reps` calls, each between two CUDA events
+    (eager: launch overhead that the device waits for counts)."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return median(times)
+
+
 def ms(seconds: float, digits: int = 3) -> float:
     return round(1e3 * seconds, digits)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import print_table, require_cuda, write_result
+from benchmarks.common import cuda_ms, print_table, require_cuda, write_result
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS, BLOCK = 4096, 32, 8, 128, 14336, 32, 16
 
@@ -61,22 +61,6 @@ def step(layers, caches, lens, x, rows: slice, context: int, attention: bool = T
     return h
 
 
-def time_ms(fn, reps: int) -> float:
-    import torch
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def two_streams(layers, caches, lens, x, batch: int, context: int):
     import torch
     main = torch.cuda.current_stream()
@@ -110,12 +94,12 @@ def main() -> None:
                 "attention": lambda: step(layers, caches, lens, x, whole, ctx, gemms=False),
                 "serial": lambda: step(layers, caches, lens, x, whole, ctx),
                 "two_streams": two_streams(layers, caches, lens, x, args.batch, ctx)}
-    results = {name: round(time_ms(fn, args.reps), 3) for name, fn in variants.items()}
+    results = {name: round(cuda_ms(fn, args.reps), 3) for name, fn in variants.items()}
     for n in (int(c) for c in args.carveouts.split(",") if c):
         torch._C._set_sm_carveout_experimental(n)
         try:
-            results[f"two_streams_carveout_{n}"] = round(time_ms(variants["two_streams"], args.reps), 3)
-            results[f"serial_carveout_{n}"] = round(time_ms(variants["serial"], args.reps), 3)
+            results[f"two_streams_carveout_{n}"] = round(cuda_ms(variants["two_streams"], args.reps), 3)
+            results[f"serial_carveout_{n}"] = round(cuda_ms(variants["serial"], args.reps), 3)
         finally:
             torch._C._set_sm_carveout_experimental(None)
     print_table(["variant", "ms per step"], [[k, v] for k, v in results.items()])

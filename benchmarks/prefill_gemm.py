@@ -13,25 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import require_cuda, write_result
+from benchmarks.common import cuda_ms, require_cuda, write_result
 
 # name: (N, K) per layer, Llama-3-8B at TP=1
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-
-
-def time_ms(fn, reps: int = 30) -> float:
-    import torch
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def variants(x, w):
@@ -70,7 +55,7 @@ def main() -> None:
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
             flops = 2 * m * n * k
             for variant, fn in variants(xk, w).items():
-                ms = time_ms(fn)
+                ms = cuda_ms(fn, reps=30, warmup=5)
                 rows.append({"tokens": m, "gemm": name, "variant": variant, "ms": round(ms, 4),
                              "tflops": round(flops / ms / 1e9, 1)})
                 print(f"M={m:6d} {name:8s} {variant:7s} {ms:8.4f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
