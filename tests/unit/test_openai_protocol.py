@@ -123,16 +123,7 @@ def test_merge_interleaves_and_closes_every_stream_on_early_exit():
         assert sorted(closed) == ["a", "b"]
         closed.clear()
 
-        async def consume():  # a request handler whose task is cancelled (HTTP disconnect)
-            async with aclosing(merge([numbers("a", 100, 0.01), numbers("b", 100, 0.01)])) as items:
-                async for _ in items:
-                    pass
-
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.035)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_midway(lambda: [numbers("a", 100, 0.01), numbers("b", 100, 0.01)])
         assert sorted(closed) == ["a", "b"]
 
         # One stream (its own path): the same guarantees.
@@ -143,17 +134,20 @@ def test_merge_interleaves_and_closes_every_stream_on_early_exit():
                 break
         assert closed == ["a", "b"]
         closed.clear()
+        await cancel_midway(lambda: [numbers("c", 100, 0.01)])
+        assert closed == ["c"]
 
-        async def consume_one():
-            async with aclosing(merge([numbers("c", 100, 0.01)])) as items:
+    async def cancel_midway(make_gens):
+        """A request handler whose task is cancelled mid-stream (an HTTP disconnect)."""
+        async def consume():
+            async with aclosing(merge(make_gens())) as items:
                 async for _ in items:
                     pass
 
-        task = asyncio.create_task(consume_one())
+        task = asyncio.create_task(consume())
         await asyncio.sleep(0.035)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert closed == ["c"]
 
     asyncio.run(main())
