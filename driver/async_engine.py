@@ -127,14 +127,7 @@ class AsyncLLMEngine:
             async for ref in self.core.outputs.remote():
                 deltas, dead = await ref
                 for delta in deltas:
-                    stream = self._streams.get(delta.request_id)
-                    if stream is not None:  # else aborted meanwhile
-                        stream.apply(delta)
-                        if delta.finished:
-                            del self._streams[delta.request_id]
-                            if delta.error is None:
-                                tokens = max((len(c.token_ids) for c in stream.output.outputs), default=0)
-                                self.metrics.finished(stream.arrived, stream.first_token, tokens)
+                    self._deliver(delta)
                 if dead is not None:
                     self._die(dead)
                     return
@@ -143,6 +136,17 @@ class AsyncLLMEngine:
             if self.dead is None:  # not by shutdown()
                 logger.exception("lost the engine core")
                 self._die(EngineDeadError(f"the engine stopped: {e}"))
+
+    def _deliver(self, delta: OutputDelta) -> None:
+        stream = self._streams.get(delta.request_id)
+        if stream is None:  # aborted meanwhile
+            return
+        stream.apply(delta)
+        if delta.finished:
+            del self._streams[delta.request_id]
+            if delta.error is None:
+                tokens = max((len(c.token_ids) for c in stream.output.outputs), default=0)
+                self.metrics.finished(stream.arrived, stream.first_token, tokens)
 
     def _die(self, error: EngineDeadError) -> None:
         self.dead = error
