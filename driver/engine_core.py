@@ -146,7 +146,7 @@ class EngineCore:
             while not self._stop:
                 self._wake.clear()
                 self._drain_inbox()
-                self._ray_metrics.publish(self.stats())
+                self._ray_metrics.publish(self.stats)
                 if not self.engine.has_unfinished_work():
                     self._wake.wait(timeout=1.0)
                     continue

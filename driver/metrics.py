@@ -79,13 +79,15 @@ class RayMetrics:
         self._last: dict[str, float] = {}  # counters' values already published
         self._published = 0.0
 
-    def publish(self, stats: dict[str, float]) -> None:
+    def publish(self, stats) -> None:
+        """stats: a callable giving the dict, called only when a publish is due (once a
+        second, not every step)."""
         now = time.monotonic()
         if now - self._published < self.interval_s:
             return
         self._published = now
         try:
-            self._publish(stats)
+            self._publish(stats())
         except Exception:  # metrics are not worth an engine: say so once, then stop publishing
             logger.exception("Ray metrics stopped")
             self.interval_s = float("inf")
