@@ -132,8 +132,12 @@ def test_engines_publish_ray_metrics(server, client):
     [core] = [n for n in _raytp_actors() if n.startswith("raytp-core-")]
     port = ray.nodes()[0]["MetricsExportPort"]
     deadline, found = time.monotonic() + 60, {}
-    while time.monotonic() < deadline and len(found) < 2:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    # Until both show and the counter holds the whole request (a publish can fall mid-request).
+    while time.monotonic() < deadline and (len(found) < 2 or found["ray_raytp_generation_tokens_total"] < 3):
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        except OSError:  # the node's metrics agent not listening yet
+            text = ""
         for line in text.splitlines():
             name = line.split("{")[0]
             if name in ("ray_raytp_generation_tokens_total", "ray_raytp_num_gpu_blocks") \
