@@ -56,7 +56,8 @@ class RequestStream:
                                              d.finish_reason, logprobs)
         # A fresh object per delta: a reader holding the previous one never sees it change.
         self.output = RequestOutput(self.request_id, None, self.output.prompt_token_ids,
-                                    [done[i] for i in sorted(done)], delta.finished, delta.num_cached_tokens)
+                                    [done[i] for i in sorted(done)], delta.finished, delta.num_cached_tokens,
+                                    prompt_logprobs=delta.prompt_logprobs or self.output.prompt_logprobs)
         if self.first_token is None and any(d.token_ids for d in delta.completions):
             self.first_token = time.monotonic()
         self._queue.put_nowait(self.output)

@@ -179,7 +179,9 @@ class BlockManager:
     def _num_prefix_candidates(self, seq: Sequence) -> int:
         # Full blocks within the first num_tokens - 1 tokens: at least one token always
         # stays uncomputed so the model still produces logits for the next token.
-        return (seq.num_tokens - 1) // self.block_size if self.enable_prefix_caching else 0
+        if not (self.enable_prefix_caching and seq.reads_prefix_cache):
+            return 0
+        return (seq.num_tokens - 1) // self.block_size
 
     def _peek_prefix_hits(self, seq: Sequence) -> list[int]:
         hits = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from driver.config import engine_fields
@@ -69,6 +70,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ignore-eos", action="store_true")
     group.add_argument("--min-tokens", type=int, default=0)
     group.add_argument("--logprobs", type=int, help="also print the top-k logprobs of each token")
+    group.add_argument("--prompt-logprobs", type=int,
+                       help="score the prompt: its log-likelihood and perplexity (and with --json each "
+                            "prompt token's logprob and the top-k there)")
     group.add_argument("--presence-penalty", type=float, default=0.0)
     group.add_argument("--frequency-penalty", type=float, default=0.0)
     group.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -131,7 +135,8 @@ def _sampling_params(args):
     return SamplingParams(
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         seed=args.sampling_seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
-        max_tokens=args.max_tokens, logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+        max_tokens=args.max_tokens, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+        presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
 
 
@@ -147,6 +152,19 @@ def _engine_config(args):
         print(f"raytp: no --model given, using the embedded demo checkpoint at {model} "
               f"(a tiny random-weight model: its text is gibberish)", file=sys.stderr)
     return EngineConfig.create(model, **flags)
+
+
+def _prompt_score(prompt: str, out) -> str:
+    lps = [d[t] for d, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+    total = sum(lps)
+    ppl = math.exp(-total / len(lps)) if lps else float("nan")
+    return f"--- prompt: {prompt!r}: log-likelihood {total:.3f} over {len(lps)} tokens, perplexity {ppl:.3f}"
+
+
+def _json_prompt_logprobs(out) -> dict:
+    if out.prompt_logprobs is None:
+        return {}
+    return {"prompt_token_ids": out.prompt_token_ids, "prompt_logprobs": out.prompt_logprobs}
 
 
 def cmd_generate(args) -> int:
@@ -165,10 +183,13 @@ def cmd_generate(args) -> int:
     finally:
         llm.shutdown()
     for prompt, out in zip(prompts, outs):
+        if out.prompt_logprobs is not None and not args.json:
+            print(_prompt_score(prompt, out))
         for c in out.outputs:
             if args.json:
                 print(json.dumps({"prompt": prompt, "index": c.index, "text": c.text, "token_ids": c.token_ids,
-                                  "finish_reason": c.finish_reason, "logprobs": c.logprobs}))
+                                  "finish_reason": c.finish_reason, "logprobs": c.logprobs,
+                                  **_json_prompt_logprobs(out)}))
             else:
                 print(f"--- prompt: {prompt!r} [completion {c.index}, {len(c.token_ids)} tokens, "
                       f"finish: {c.finish_reason}]\n{c.text}")

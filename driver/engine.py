@@ -22,7 +22,7 @@ from driver.config import EngineConfig
 from driver.detokenizer import IncrementalDetokenizer, find_stop
 from driver.metrics import EngineMetrics
 from driver.outputs import CompletionOutput, RequestOutput
-from driver.sampling_params import SamplingParams
+from driver.sampling_params import SamplingParams, check_token_ids_in_vocab
 from driver.scheduler import Scheduler
 from driver.sequence import Sequence, SequenceGroup, SequenceStatus
 from driver.tokenizer import encode_prompt, load_tokenizer
@@ -76,6 +76,7 @@ class LLMEngine:
             raise ValueError("the prompt is empty; give at least one token")
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        check_token_ids_in_vocab(params, vocab)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -116,6 +117,7 @@ class LLMEngine:
         result = self._call(self.executor.collect, handle)
         collected = time.perf_counter()
         groups = self.scheduler.update_from_output(so, result)
+        self._record_prompt_logprobs(result.prompt_logprobs)
         outputs = [self._make_output(g) for g in groups]
         end = time.perf_counter()
         self.metrics.record_step(so, result, end - start, self.scheduler)
@@ -130,6 +132,13 @@ class LLMEngine:
             self.fail(e)
             raise EngineDeadError(f"the engine stopped: {e}") from e
 
+    def _record_prompt_logprobs(self, computed: dict[str, tuple[int, list]]) -> None:
+        # Only a request's first sequence computes them, and its seq_id is the request id.
+        for seq_id, (start, dicts) in computed.items():
+            group = self.groups.get(seq_id)
+            if group is not None:  # (else aborted meanwhile)
+                group.prompt_logprobs[start:start + len(dicts)] = dicts
+
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
         completions = [self._completion(group, seq) for seq in group.seqs]
         finished = group.is_finished
@@ -139,7 +148,7 @@ class LLMEngine:
                 self.texts.pop(seq.seq_id, None)
             self.metrics.record_finished(group)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             finished, group.seqs[0].num_cached_tokens)
+                             finished, group.seqs[0].num_cached_tokens, prompt_logprobs=group.prompt_logprobs)
 
     def _completion(self, group: SequenceGroup, seq: Sequence) -> CompletionOutput:
         params = group.sampling_params

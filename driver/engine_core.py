@@ -53,11 +53,14 @@ class OutputDelta(NamedTuple):
     finished: bool
     num_cached_tokens: int = 0
     error: Exception | None = None  # the request could not be added, or the engine died
+    # In a request's first delta, when asked: complete by then (its first token comes after).
+    prompt_logprobs: list | None = None
 
 
 def make_delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> OutputDelta:
     """The change since `sent` (completion index -> tokens and chars already sent), which it
     updates."""
+    prompt_logprobs = out.prompt_logprobs if not sent else None
     completions = []
     for c in out.outputs:
         tokens, chars = sent.get(c.index, (0, 0))
@@ -66,7 +69,8 @@ def make_delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> OutputDe
         completions.append(CompletionDelta(c.index, c.token_ids[tokens:], start, c.text[start:], logprobs,
                                            c.finish_reason))
         sent[c.index] = (len(c.token_ids), len(c.text))
-    return OutputDelta(out.request_id, completions, out.finished, out.num_cached_tokens)
+    return OutputDelta(out.request_id, completions, out.finished, out.num_cached_tokens,
+                       prompt_logprobs=prompt_logprobs)
 
 
 class EngineCore:

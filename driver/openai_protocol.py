@@ -3,17 +3,17 @@
 Every problem becomes an APIError that renders as OpenAI's error body, naming the field
 and what it accepts, so a client sees a 400 that says how to fix the request. Fields the
 OpenAI clients send and raytp ignores (user, metadata, store, ...) pass silently; fields
-whose meaning raytp does not implement (logit_bias, tools, suffix, ...) are refused.
+whose meaning raytp does not implement (tools, suffix, ...) are refused.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from driver.sampling_params import SamplingParams
+from driver.sampling_params import SamplingParams, check_token_ids_in_vocab
 from driver.tokenizer import apply_chat_template, encode_prompt
 
 MAX_TOP_LOGPROBS = 20
-_UNSUPPORTED = ("logit_bias", "suffix", "tools", "functions", "tool_choice", "function_call")
+_UNSUPPORTED = ("suffix", "tools", "functions", "tool_choice", "function_call")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -39,6 +39,7 @@ class ParsedRequest:
     include_usage: bool
     echo: bool = False
     logprobs: bool = False  # chat: return logprobs (params.logprobs is the top-k count)
+    prompt_logprobs: int | None = None  # vLLM's extension: return them, with this top-k
 
 
 def _field(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
@@ -125,7 +126,15 @@ def _chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+    k = _field(body, "prompt_logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+    if k is not None and stream:
+        raise APIError("'prompt_logprobs' is not available with 'stream': true", param="prompt_logprobs")
+    return k
+
+
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vocab_size: int,
+                     prompt_logprobs: int | None = None) -> SamplingParams:
     for name in _UNSUPPORTED:
         if body.get(name):
             raise APIError(f"'{name}' is not supported by this server; leave it out", param=name)
@@ -141,8 +150,9 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
     stop_ids = _field(body, "stop_token_ids", (list,), [])
     num = (int, float)
     try:
-        return SamplingParams(
-            n=n, max_tokens=max_tokens, logprobs=logprobs, stop=stop, stop_token_ids=stop_ids,
+        params = SamplingParams(
+            n=n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=stop,
+            stop_token_ids=stop_ids,
             temperature=float(_field(body, "temperature", num, 1.0)), top_p=float(_field(body, "top_p", num, 1.0)),
             top_k=_field(body, "top_k", (int,), -1), min_p=float(_field(body, "min_p", num, 0.0)),
             seed=_field(body, "seed", (int,)),
@@ -151,7 +161,11 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
             repetition_penalty=float(_field(body, "repetition_penalty", num, 1.0)),
             ignore_eos=_field(body, "ignore_eos", (bool,), False),
             min_tokens=_field(body, "min_tokens", (int,), 0),
-            skip_special_tokens=_field(body, "skip_special_tokens", (bool,), True))
+            skip_special_tokens=_field(body, "skip_special_tokens", (bool,), True),
+            logit_bias=_field(body, "logit_bias", (dict,)),
+            allowed_token_ids=_field(body, "allowed_token_ids", (list,)))
+        check_token_ids_in_vocab(params, vocab_size)
+        return params
     except ValueError as e:  # SamplingParams names the field: "SamplingParams.top_p must be ..."
         msg = str(e)
         param = msg.split(".", 1)[1].split(" ", 1)[0] if msg.startswith("SamplingParams.") else None
@@ -183,9 +197,14 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     for ids in prompts:
         check_length(len(ids), max_tokens, max_model_len, "max_tokens")
     logprobs = _field(body, "logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+    echo = _field(body, "echo", (bool,), False)
     stream, usage = _stream_options(body)
-    return ParsedRequest(model, prompts, texts, _sampling_params(body, max_tokens, logprobs), stream, usage,
-                         echo=_field(body, "echo", (bool,), False), logprobs=logprobs is not None)
+    prompt_k = _prompt_logprobs(body, stream)
+    # echo with logprobs scores the echoed prompt too (the legacy API's way, as lm-eval uses it).
+    wanted = [k for k in (prompt_k, logprobs if echo else None) if k is not None]
+    params = _sampling_params(body, max_tokens, logprobs, vocab_size, max(wanted) if wanted else None)
+    return ParsedRequest(model, prompts, texts, params, stream, usage, echo=echo, logprobs=logprobs is not None,
+                         prompt_logprobs=prompt_k)
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
@@ -200,8 +219,10 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     if top is not None and not want_logprobs:
         raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     stream, usage = _stream_options(body)
-    params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None)
-    return ParsedRequest(model, [ids], [None], params, stream, usage, logprobs=want_logprobs)
+    prompt_k = _prompt_logprobs(body, stream)
+    params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, vocab_size, prompt_k)
+    return ParsedRequest(model, [ids], [None], params, stream, usage, logprobs=want_logprobs,
+                         prompt_logprobs=prompt_k)
 
 
 def parse_tokenize(body: dict, tokenizer, served_model_name: str) -> list[int]:

@@ -110,10 +110,13 @@ class OpenAIServing:
                     finals[i] = out
         except Exception as e:
             raise engine_error(e) from e
-        choices = [self._choice(req, i, c, chat) for i, out in enumerate(finals) for c in out.outputs]
+        choices = [self._choice(req, i, out, c, chat) for i, out in enumerate(finals) for c in out.outputs]
         kind = "chat.completion" if chat else "text_completion"
-        return {"id": call_id, "object": kind, "created": int(time.time()), "model": req.model,
-                "choices": choices, "usage": self._usage(req, finals)}
+        response = {"id": call_id, "object": kind, "created": int(time.time()), "model": req.model,
+                    "choices": choices, "usage": self._usage(req, finals)}
+        if chat and req.prompt_logprobs is not None:  # (vLLM's place for them in chat)
+            response["prompt_logprobs"] = self._prompt_logprobs(req, finals[0])
+        return response
 
     def _open(self, req: ParsedRequest, call_id: str) -> list[AsyncIterator[RequestOutput]]:
         gens = []
@@ -136,7 +139,7 @@ class OpenAIServing:
                 async for i, out in outputs:
                     finals[i] = out
                     for c in out.outputs:
-                        chunk = self._delta(req, i, c, chat, sent)
+                        chunk = self._delta(req, i, out, c, chat, sent)
                         if chunk is not None:
                             yield _sse({**head, "choices": [chunk]})
             if req.include_usage:
@@ -145,7 +148,8 @@ class OpenAIServing:
             yield _sse(engine_error(e).body())
         yield "data: [DONE]\n\n"
 
-    def _delta(self, req: ParsedRequest, i: int, c: CompletionOutput, chat: bool, sent: dict) -> dict | None:
+    def _delta(self, req: ParsedRequest, i: int, out: RequestOutput, c: CompletionOutput, chat: bool,
+               sent: dict) -> dict | None:
         index = i * req.params.n + c.index
         first = index not in sent
         chars, tokens = sent.get(index, (0, 0))
@@ -156,6 +160,8 @@ class OpenAIServing:
         if not due:
             return None
         echo = self._prompt_text(req, i) if first and req.echo else ""  # the prompt leads the first delta
+        if echo and req.logprobs:  # (with its logprobs)
+            new_ids, new_lps = req.prompts[i] + new_ids, out.prompt_logprobs + new_lps
         # The tail that could start a stop string waits until the choice ends (vLLM v1's
         # hold-back): a stream never sends text that the whole response would not have.
         new_text = next_stream_delta(c.text, chars, req.params.stop or (), c.finish_reason is not None)
@@ -167,14 +173,34 @@ class OpenAIServing:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if new_ids else {})
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
-    def _choice(self, req: ParsedRequest, i: int, c: CompletionOutput, chat: bool) -> dict:
+    def _choice(self, req: ParsedRequest, i: int, out: RequestOutput, c: CompletionOutput, chat: bool) -> dict:
         index = i * req.params.n + c.index
-        logprobs = self._logprobs(req, c.token_ids, c.logprobs or [], chat) if req.logprobs else None
+        ids, lps = c.token_ids, c.logprobs or []
+        if req.echo and req.logprobs and not chat:  # the echoed prompt's tokens lead
+            ids, lps = out.prompt_token_ids + ids, out.prompt_logprobs + lps
+        logprobs = self._logprobs(req, ids, lps, chat) if req.logprobs else None
         if chat:
             return {"index": index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": logprobs, "finish_reason": c.finish_reason}
         text = self._prompt_text(req, i) + c.text if req.echo else c.text
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        if req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._prompt_logprobs(req, out)
+        return choice
+
+    def _prompt_logprobs(self, req: ParsedRequest, out: RequestOutput) -> list[dict | None]:
+        """vLLM's shape: per prompt token (None for the first), {token id: {logprob, decoded_token}}
+        for the token itself and the top k there."""
+        k = req.prompt_logprobs
+        rows = []
+        for t, d in zip(out.prompt_token_ids, out.prompt_logprobs):
+            if d is None:
+                rows.append(None)
+                continue
+            keep = {t: d[t], **dict(sorted(d.items(), key=lambda kv: -kv[1])[:k])}
+            rows.append({str(u): {"logprob": v, "decoded_token": self.tokenizer.decode([u])}
+                         for u, v in keep.items()})
+        return rows
 
     def _prompt_text(self, req: ParsedRequest, i: int) -> str:
         text = req.prompt_texts[i]
@@ -185,7 +211,9 @@ class OpenAIServing:
         k = req.params.logprobs or 0
         rows = []
         for t, d in zip(token_ids, lps):
-            d = d or {}
+            if d is None:  # the first prompt token (echo): nothing comes before it
+                rows.append((self.tokenizer.decode([t]), None, None))
+                continue
             top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
             rows.append((self.tokenizer.decode([t]), d.get(t),
                          [(self.tokenizer.decode([u]), lp) for u, lp in top]))
@@ -198,7 +226,7 @@ class OpenAIServing:
             offsets.append(pos)
             pos += len(s)
         return {"tokens": [s for s, _, _ in rows], "token_logprobs": [lp for _, lp, _ in rows],
-                "top_logprobs": [dict(top) for _, _, top in rows], "text_offset": offsets}
+                "top_logprobs": [None if top is None else dict(top) for _, _, top in rows], "text_offset": offsets}
 
     @staticmethod
     def _usage(req: ParsedRequest, finals: list[RequestOutput | None]) -> dict:

@@ -25,4 +25,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    # When asked (SamplingParams.prompt_logprobs): per prompt token, {token_id: logprob} of the
+    # token itself and the top k given the tokens before it; None for the first token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: dict = field(default_factory=dict)

@@ -88,4 +88,7 @@ class ModelRunnerOutput:
     # Per sampled token, when its request asked for logprobs: {token_id: logprob} holding
     # the sampled token and the top-k. Logprobs are of the model's raw distribution.
     logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    # Sequences that asked for prompt logprobs and computed prompt tokens this step:
+    # req_id -> (p, dicts for prompt positions p, p+1, ...), each as in `logprobs`.
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # worker-side seconds, for metrics

@@ -21,6 +21,10 @@ class SamplingParams:
     min_tokens: int = 0
     max_tokens: int | None = 16  # None: up to max_model_len
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one is always added)
+    prompt_logprobs: int | None = None  # top-k logprobs per prompt token after the first (and its own)
+    # OpenAI's logit_bias: {token_id: bias in [-100, 100]}, added to the logits before sampling.
+    logit_bias: dict[int, float] | None = field(default=None, hash=False)
+    allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (vLLM's extension)
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks); stop strings need text
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -31,6 +35,15 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if self.logit_bias is not None:  # JSON keys are strings: {"50256": -100}
+            try:
+                bias = {int(t): float(b) for t, b in dict(self.logit_bias).items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"SamplingParams.logit_bias must map token ids to numbers, "
+                                 f"got {self.logit_bias!r}") from None
+            object.__setattr__(self, "logit_bias", bias or None)
         self._validate()
 
     def _validate(self) -> None:
@@ -49,10 +62,19 @@ class SamplingParams:
                                                       and self.max_tokens >= 1), "must be >= 1"),
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int)
                                                   and 0 <= self.logprobs <= 20), "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                                and 0 <= self.prompt_logprobs <= 20),
+             "must be in [0, 20]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative token ids"),
+            ("logit_bias", self.logit_bias is None or all(t >= 0 and -100.0 <= b <= 100.0
+                                                         for t, b in self.logit_bias.items()),
+             "must map non-negative token ids to biases in [-100, 100]"),
+            ("allowed_token_ids", self.allowed_token_ids is None or (
+                self.allowed_token_ids and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
+             "must be a non-empty list of non-negative token ids"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -66,3 +88,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def check_token_ids_in_vocab(params: SamplingParams, vocab_size: int) -> None:
+    """The token ids params name (beyond the stop ids, which may be anything) exist in the vocab."""
+    for name in ("logit_bias", "allowed_token_ids"):
+        ids = getattr(params, name) or ()
+        if any(t >= vocab_size for t in ids):
+            raise ValueError(f"SamplingParams.{name} has token ids past the vocabulary; they must be "
+                             f"in [0, {vocab_size})")

@@ -39,6 +39,9 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_pending: int = 0  # tokens that steps in flight will sample, not yet known here
     output_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    # False when its request asks for prompt logprobs: a prefix-cache hit would skip the
+    # forward of the prompt tokens whose logprobs it wants (its blocks still enter the cache).
+    reads_prefix_cache: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -90,14 +93,19 @@ class SequenceGroup:
     first_token_time: float | None = None
     # EOS (unless ignore_eos) + the params' stop ids: set_stop_token_ids, at admission.
     stop_token_ids: tuple[int, ...] = ()
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, filled as the parent's
+    # prefill chunks compute them (the first stays None: nothing comes before it).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @staticmethod
     def create(request_id: str, prompt: str | None, prompt_token_ids: list[int],
                sampling_params: SamplingParams) -> "SequenceGroup":
+        want_prompt = sampling_params.prompt_logprobs is not None
         parent = Sequence(seq_id=f"{request_id}", seq_index=0, token_ids=list(prompt_token_ids),
-                          num_prompt_tokens=len(prompt_token_ids))
+                          num_prompt_tokens=len(prompt_token_ids), reads_prefix_cache=not want_prompt)
         return SequenceGroup(request_id, prompt, list(prompt_token_ids), sampling_params, [parent],
-                             forked=sampling_params.n == 1)
+                             forked=sampling_params.n == 1,
+                             prompt_logprobs=[None] * len(prompt_token_ids) if want_prompt else None)
 
     def set_stop_token_ids(self, eos_token_ids: tuple[int, ...]) -> None:
         p = self.sampling_params

@@ -27,3 +27,14 @@ def hf_greedy(ckpt: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[li
         logprobs.append(float(lp[tok]))
         ids.append(tok)
     return tokens, logprobs
+
+
+@torch.inference_mode()
+def hf_prompt_logprobs(ckpt: str, prompt_ids: list[int], k: int) -> list[tuple[float, list[int], list[float]]]:
+    """Per prompt token after the first: its logprob given the tokens before it, and the
+    top-k token ids and logprobs there (one forward over the whole prompt)."""
+    logits = hf_model(ckpt)(torch.tensor([prompt_ids])).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    own = lp.gather(1, torch.tensor(prompt_ids[1:]).unsqueeze(1)).squeeze(1)
+    top_v, top_i = torch.topk(lp, k, dim=-1)
+    return [(float(o), i.tolist(), v.tolist()) for o, i, v in zip(own, top_i, top_v)]

@@ -28,6 +28,8 @@ from workers.attention import AttentionMetadata
 from workers.cuda_graphs import DecodeGraphs
 from workers.input_batch import (PLACEHOLDER, BlockTables, chunk_rows, decode_rows, merge_rows,
                                  num_leading_decodes)
+from workers.prompt_logprobs import (PromptLogprobs, PromptLogprobsPlan, compute_prompt_logprobs,
+                                     plan_prompt_logprobs, prompt_logprobs_to_host, wants_prompt_logprobs)
 from workers.staging import StagingBuffer
 from workers.sampler import Sampler, SamplerOutput, SamplingRow, to_host
 
@@ -56,6 +58,7 @@ class StepInputs:
     sample_req_ids: list[str]
     samples_every_token: bool = False  # logits_indices is arange(num_tokens) (decode-only steps)
     bucket: int | None = None  # a decode-only step run by this bucket's CUDA graph
+    prompt_plan: PromptLogprobsPlan | None = None  # rows whose prompt logprobs were asked for
 
 
 @dataclass
@@ -68,6 +71,7 @@ class _StepInFlight:
     host: SamplerOutput | None  # its copy in (pinned) host memory; logprobs on rank 0 only
     rows: list[SamplingRow]  # rank 0: what was sampled (for the logprob dicts)
     timer: "_StepTimer"
+    prompt: PromptLogprobs | None = None  # rank 0, in host memory
 
 
 def _fill_placeholders(input_ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor,
@@ -100,6 +104,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # set by capture_graphs (GPU, not enforce_eager)
         self._prev: _StepInFlight | None = None  # queued, its output not yet returned
         self._returned_at: float | None = None  # when execute_model last returned
+        self._prompt_lp_ids: set[str] = set()  # sequences with prompt logprobs still to compute
         key_cache = kv_caches[0][0] if kv_caches else None
         # Plan the prefill gather on the host (no per-layer host syncs) where flash runs it.
         self.plan_prefill = key_cache is not None and flash_supported(key_cache.dtype, key_cache.shape[-1],
@@ -108,6 +113,7 @@ class ModelRunner:
     def update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             state = self.requests.pop(req_id, None)
+            self._prompt_lp_ids.discard(req_id)
             if state is not None:
                 self.block_tables.remove(state.row)
         for new in so.new_reqs:
@@ -120,6 +126,8 @@ class ModelRunner:
                 row=self.block_tables.add(new.block_ids))
             state.sampling_row = SamplingRow(state.sampling_params, state.seq_index, state.token_ids,
                                              state.num_prompt_tokens, state.stop_token_ids)
+            if wants_prompt_logprobs(new.sampling_params, new.seq_index):
+                self._prompt_lp_ids.add(new.req_id)
         for delta in so.cached_reqs:
             state = self.requests[delta.req_id]
             if delta.new_block_ids:
@@ -133,7 +141,8 @@ class ModelRunner:
         states = [self.requests[r] for r in so.req_ids]
         table_rows = np.array([s.row for s in states], dtype=np.intp)
         num_decodes = num_leading_decodes(num_scheduled)
-        if num_decodes == len(states) and self.graphs is not None:
+        prompt_plan = self._plan_prompt_logprobs(so, states)
+        if num_decodes == len(states) and self.graphs is not None and prompt_plan is None:
             bucket = self.graphs.bucket(num_decodes)
             if bucket is not None:
                 return self._prepare_graph_step(states, table_rows, bucket, prev)
@@ -166,7 +175,18 @@ class ModelRunner:
                                  query_start_loc=qsl, num_decodes=int(num_decodes),
                                  max_query_len=max(num_scheduled),
                                  max_context_len=self.context_bound or int(r.context_lens.max()), prefill=plan)
-        return StepInputs(ids, pos, meta, rows, r.sample_ids, len(r.sample_rows) == len(r.input_ids))
+        return StepInputs(ids, pos, meta, rows, r.sample_ids, len(r.sample_rows) == len(r.input_ids),
+                          prompt_plan=prompt_plan)
+
+    def _plan_prompt_logprobs(self, so: SchedulerOutput, states: list[CachedRequestState]
+                              ) -> PromptLogprobsPlan | None:
+        if not self._prompt_lp_ids or self._prompt_lp_ids.isdisjoint(so.req_ids):
+            return None  # (the common step: no set lookups per sequence)
+        plan = plan_prompt_logprobs(states, so.num_scheduled_tokens, self.device)
+        for s, n in zip(states, so.num_scheduled_tokens):
+            if s.num_computed_tokens + n >= s.num_prompt_tokens - 1:  # its prompt is done
+                self._prompt_lp_ids.discard(s.req_id)
+        return plan
 
     def _prepare_graph_step(self, states: list[CachedRequestState], table_rows: np.ndarray, bucket: int,
                             prev: _StepInFlight | None) -> StepInputs:
@@ -187,20 +207,24 @@ class ModelRunner:
                                    self.block_size, self.device)
         self.graphs.capture()
 
-    def _logits(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Run the step's forward -> logits [num_sampled, vocab] float32 (None: none sample)."""
+    def _logits(self, inputs: StepInputs) -> tuple[torch.Tensor | None, PromptLogprobs | None]:
+        """Run the step's forward -> logits [num_sampled, vocab] float32 (None: none sample),
+        and the prompt logprobs asked for (rank 0)."""
         if inputs.bucket is not None:  # the graph ends in the logits of every row
             logits = self.graphs.run(inputs.meta.num_seqs, inputs.bucket)
             if not inputs.sample_req_ids:
-                return None
-            return logits if inputs.samples_every_token else logits[inputs.logits_indices]
+                return None, None
+            return (logits if inputs.samples_every_token else logits[inputs.logits_indices]), None
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # [T, H]
+        prompt = None
+        if inputs.prompt_plan is not None:
+            prompt = compute_prompt_logprobs(self.model, hidden, inputs.prompt_plan, self.rank)
         if not inputs.sample_req_ids:
-            return None
+            return None, prompt
         # Every rank joins the logits all-gather; only rank 0 samples.
         if not inputs.samples_every_token:  # (else the gather is a copy of all of it)
             hidden = hidden[inputs.logits_indices]
-        return self.model.compute_logits(hidden)  # [num_sampled, vocab]
+        return self.model.compute_logits(hidden), prompt  # [num_sampled, vocab]
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> list[ModelRunnerOutput] | None:
@@ -211,15 +235,15 @@ class ModelRunner:
             timer.timings["call_gap_s"] = timer.start - self._returned_at
         self.update_states(so)
         prev, self._prev = self._prev, None
-        logits, inputs = None, None
+        logits, inputs, prompt = None, None, None
         if so.req_ids:
             inputs = self.prepare_inputs(so, prev)
             timer.lap("prepare_s")
-            logits = self._logits(inputs)
+            logits, prompt = self._logits(inputs)
             timer.lap("forward_s")
         outs = [self._finish(prev)]  # this step is queued: now wait for the previous one's tokens
         timer.lap("wait_prev_s")  # (the GPU's time, not the host's: kept out of sample_s)
-        self._prev = self._sample(so.step_id, inputs, logits, timer)
+        self._prev = self._sample(so.step_id, inputs, logits, timer, prompt)
         if self.device.type == "cpu":  # nothing to overlap: answer now
             outs.append(self._finish(self._prev))
             self._prev = None
@@ -237,13 +261,17 @@ class ModelRunner:
         return outs if self.rank == 0 else None
 
     def _sample(self, step_id: int, inputs: StepInputs | None, logits: torch.Tensor | None,
-                timer: "_StepTimer") -> _StepInFlight:
-        """Sample (rank 0), share the tokens with every rank, start their copy to the host."""
+                timer: "_StepTimer", prompt: PromptLogprobs | None = None) -> _StepInFlight:
+        """Sample (rank 0), share the tokens with every rank, start their copy (and that of
+        the prompt logprobs) to the host, before the step's end event."""
         ids = inputs.sample_req_ids if inputs is not None else []
         states = [self.requests[r] for r in ids]
+        if prompt is not None:
+            prompt = PromptLogprobs(prompt.plan, *map(_to_host, (prompt.logprobs, prompt.top_logprobs,
+                                                                 prompt.top_ids)))
         if not ids:
             timer.end()
-            return _StepInFlight(step_id, [], None, None, [], timer)
+            return _StepInFlight(step_id, [], None, None, [], timer, prompt)
         rows = [s.sampling_row for s in states] if self.rank == 0 else []
         if self.rank == 0:
             sampled = self.sampler.sample(logits, rows)
@@ -256,7 +284,7 @@ class ModelRunner:
         host = sampled.replace_tensors([_to_host(t) for t in sampled.tensors()])
         timer.lap("sample_s")
         timer.end()
-        return _StepInFlight(step_id, states, sampled.tokens, host, rows, timer)
+        return _StepInFlight(step_id, states, sampled.tokens, host, rows, timer, prompt)
 
     def _finish(self, step: _StepInFlight | None) -> ModelRunnerOutput | None:
         """Wait for a step's tokens on the host, fill its placeholders; rank 0's output."""
@@ -275,7 +303,8 @@ class ModelRunner:
                 state.token_ids[-1] = token
         if self.rank != 0:
             return None
-        return ModelRunnerOutput(step.step_id, [s.req_id for s in step.states], tokens, logprobs, timings)
+        prompt = prompt_logprobs_to_host(step.prompt) if step.prompt is not None else {}
+        return ModelRunnerOutput(step.step_id, [s.req_id for s in step.states], tokens, logprobs, prompt, timings)
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -4,8 +4,9 @@ Matches vLLM's semantics:
 
 1. Logprobs (when asked) are of the model's *raw* distribution: log_softmax of the
    logits as they came from the model, before any processing.
-2. Logits processing, in order: min_tokens masking of stop ids, repetition penalty
-   (over prompt + output tokens), frequency and presence penalties (over output tokens).
+2. Logits processing (workers/logits_processors.py), in order: allowed_token_ids, min_tokens
+   masking of stop ids, logit_bias, repetition penalty (over prompt + output tokens),
+   frequency and presence penalties (over output tokens).
 3. Greedy rows (temperature ~ 0) take the argmax of the processed logits.
 4. Random rows: temperature scaling, top-k, top-p (renormalised after top-k), min-p,
    then a draw from the resulting distribution with the exponential race
@@ -25,16 +26,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from itertools import chain
 
 import torch
 
 from driver.sampling_params import SamplingParams
 from ops.dispatch import ops_for
+from workers.logits_processors import (has_logit_rules, has_penalties, index_tensor, is_greedy,
+                                       min_tokens_active, process_logits, row_values)
 
-# Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing by a
-# tiny temperature overflows the logits.
-SAMPLING_EPS = 1e-5
 _MASK_63 = (1 << 63) - 1
 
 
@@ -54,7 +53,7 @@ class SamplingRow:
     def __post_init__(self) -> None:
         p = self.params
         self.plain = (is_greedy(p) and p.logprobs is None and p.min_tokens == 0
-                      and not has_penalties(p))
+                      and not has_penalties(p) and not has_logit_rules(p))
 
     @property
     def num_output_tokens(self) -> int:
@@ -73,109 +72,6 @@ def row_seed(seed: int, seq_index: int, num_output_tokens: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{seq_index}:{num_output_tokens}".encode(),
                              digest_size=8).digest()
     return int.from_bytes(digest, "little") & _MASK_63
-
-
-def is_greedy(params: SamplingParams) -> bool:
-    return params.temperature < SAMPLING_EPS
-
-
-def has_penalties(params: SamplingParams) -> bool:
-    return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
-            or params.presence_penalty != 0.0)
-
-
-def min_tokens_active(row: SamplingRow) -> bool:
-    return row.params.min_tokens > 0 and row.num_output_tokens < row.params.min_tokens
-
-
-def _index(idx: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)
-
-
-def _per_row(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
-
-
-def _token_counts(token_lists: list[list[int]], vocab_size: int,
-                  device: torch.device) -> torch.Tensor:
-    """[len(token_lists), vocab_size] float32 counts of each token id per row
-    (ids outside [0, vocab_size) are ignored), via one scatter_add."""
-    num_rows = len(token_lists)
-    counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
-    lens = [len(t) for t in token_lists]
-    if sum(lens):
-        tok = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long)
-        row = torch.repeat_interleave(torch.arange(num_rows, dtype=torch.long),
-                                      torch.tensor(lens, dtype=torch.long))
-        keep = (tok >= 0) & (tok < vocab_size)
-        lin = (row * vocab_size + tok)[keep].to(device, non_blocking=True)
-        counts.scatter_add_(0, lin, torch.ones(lin.shape, dtype=torch.float32, device=device))
-    return counts.view(num_rows, vocab_size)
-
-
-# ----------------------------------------------------------------------- logits processing
-
-def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """In place: -inf on the stop ids of rows that have produced fewer than min_tokens."""
-    vocab_size = logits.shape[-1]
-    row_idx: list[int] = []
-    col_idx: list[int] = []
-    for i, r in enumerate(rows):
-        if not min_tokens_active(r):
-            continue
-        for t in set(r.stop_token_ids) | set(r.params.stop_token_ids):
-            if 0 <= t < vocab_size:
-                row_idx.append(i)
-                col_idx.append(t)
-    if row_idx:
-        logits[_index(row_idx, logits.device), _index(col_idx, logits.device)] = float("-inf")
-    return logits
-
-
-def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """In place, on the rows with penalties (others untouched), vLLM's formulas:
-
-    repetition (tokens of prompt + output): logit > 0 -> logit / p, else logit * p
-    frequency:  logit -= f * count_in_output
-    presence:   logit -= p * (count_in_output > 0)
-    """
-    pen_idx = [i for i, r in enumerate(rows) if has_penalties(r.params)]
-    if not pen_idx:
-        return logits
-    device = logits.device
-    vocab_size = logits.shape[-1]
-    pen_rows = [rows[i] for i in pen_idx]
-    full = len(pen_idx) == len(rows)
-    idx_t = None if full else _index(pen_idx, device)
-    x = logits if full else logits.index_select(0, idx_t)
-
-    if any(r.params.repetition_penalty != 1.0 for r in pen_rows):
-        seen = _token_counts([r.token_ids for r in pen_rows], vocab_size, device) > 0
-        rep = _per_row([r.params.repetition_penalty for r in pen_rows], device).unsqueeze(1)
-        rep = torch.where(seen, rep, 1.0)
-        x = torch.where(x > 0, x / rep, x * rep)
-
-    if any(r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0
-           for r in pen_rows):
-        counts = _token_counts([r.output_token_ids for r in pen_rows], vocab_size, device)
-        freq = _per_row([r.params.frequency_penalty for r in pen_rows], device).unsqueeze(1)
-        pres = _per_row([r.params.presence_penalty for r in pen_rows], device).unsqueeze(1)
-        x = x - freq * counts - pres * (counts > 0).to(x.dtype)
-
-    if full:
-        logits.copy_(x)
-    else:
-        logits.index_copy_(0, idx_t, x)
-    return logits
-
-
-def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """A float32 copy of `logits` with min_tokens masking and the penalties applied:
-    what greedy rows take the argmax of. The input is not modified."""
-    x = logits.to(torch.float32, copy=True)
-    apply_min_tokens(x, rows)
-    apply_penalties(x, rows)
-    return x
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor,
@@ -307,7 +203,8 @@ class Sampler:
             return SamplerOutput(ops_for(logits).argmax(logits), [])
         greedy = [is_greedy(r.params) for r in rows]
         want_logprobs = any(r.params.logprobs is not None for r in rows)
-        needs_processing = any(has_penalties(r.params) or min_tokens_active(r) for r in rows)
+        needs_processing = any(has_penalties(r.params) or min_tokens_active(r) or has_logit_rules(r.params)
+                               for r in rows)
 
         raw = logits if logits.dtype == torch.float32 else logits.float()
         x = process_logits(raw, rows) if needs_processing else raw  # raw is never modified
@@ -318,7 +215,7 @@ class Sampler:
         else:
             tokens = ops_for(x).argmax(x)
             if random_idx:
-                idx_t = _index(random_idx, x.device)
+                idx_t = index_tensor(random_idx, x.device)
                 sampled = self._sample(x.index_select(0, idx_t), [rows[i] for i in random_idx])
                 tokens.index_copy_(0, idx_t, sampled)
 
@@ -334,7 +231,7 @@ class Sampler:
 
         temps = [p.temperature for p in params]
         if any(t != 1.0 for t in temps):  # (x itself is never modified below)
-            x = x / _per_row(temps, device).unsqueeze(1)
+            x = x / row_values(temps, device).unsqueeze(1)
 
         ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         top_k = max_k = None
@@ -343,10 +240,10 @@ class Sampler:
             top_k = torch.tensor(ks, dtype=torch.long).to(device, non_blocking=True)
         top_p = None
         if any(p.top_p < 1.0 for p in params):
-            top_p = _per_row([p.top_p for p in params], device)
+            top_p = row_values([p.top_p for p in params], device)
         min_p = None
         if any(p.min_p > 0.0 for p in params):
-            min_p = _per_row([p.min_p for p in params], device)
+            min_p = row_values([p.min_p for p in params], device)
         if top_k is not None or top_p is not None or min_p is not None:
             x = apply_top_k_top_p_min_p(x, top_k, top_p, min_p, max_k=max_k)
 
@@ -361,7 +258,7 @@ class Sampler:
             if unseeded:
                 part = torch.empty((len(unseeded), vocab_size), dtype=probs.dtype, device=device)
                 part.exponential_(generator=self._generator(device))
-                noise.index_copy_(0, _index(unseeded, device), part)
+                noise.index_copy_(0, index_tensor(unseeded, device), part)
             g = self._seeded_generator(device)
             for i, r in enumerate(rows):
                 if r.params.seed is not None:
@@ -377,7 +274,7 @@ class Sampler:
         if len(lp_idx) == len(rows):
             sub, sub_tokens = raw, tokens
         else:
-            idx_t = _index(lp_idx, raw.device)
+            idx_t = index_tensor(lp_idx, raw.device)
             sub, sub_tokens = raw.index_select(0, idx_t), tokens.index_select(0, idx_t)
         lp = torch.log_softmax(sub, dim=-1)
         sampled_lp = lp.gather(1, sub_tokens.unsqueeze(1)).squeeze(1)

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 from driver import LLM, SamplingParams  # noqa: E402
 from driver.demo import INIT_STD  # noqa: E402
 from tests.checkpoints import make_checkpoint  # noqa: E402
-from tests.hf_reference import hf_greedy, hf_model  # noqa: E402
+from tests.hf_reference import hf_greedy, hf_model, hf_prompt_logprobs  # noqa: E402
 
 # style -> (hidden, heads, kv heads): head dims 64 / 64 / 128, GQA 2 / 4 / 1.
 SHAPES = {"llama": (256, 4, 2), "mistral": (512, 8, 2), "qwen2": (512, 4, 4)}
@@ -80,6 +80,25 @@ def test_float32_greedy_equals_transformers(ckpts, style, tp):
         c = out.outputs[0]
         assert c.token_ids == ref_tokens
         assert [lp[t] for lp, t in zip(c.logprobs, c.token_ids)] == pytest.approx(ref_lps, abs=1e-3)
+
+
+@pytest.mark.parametrize("tp", _tp_sizes())
+@pytest.mark.parametrize("style", list(SHAPES))
+def test_float32_prompt_logprobs_equal_transformers(ckpts, style, tp):
+    """Prompt logprobs over chunked prefills (301 tokens, budget 128), batched with a request
+    that does not ask, past the prefix cache they must not read."""
+    asks = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    with _engine(ckpts[style], tp, "float32") as llm:
+        prompts = _prompts(llm.config.model.arch.vocab_size)
+        batch = [prompts[2], prompts[1], prompts[3]]
+        outs = llm.generate(batch, [asks, SamplingParams(max_tokens=2), asks], use_tqdm=False)
+    assert outs[2].num_cached_tokens == 0 and outs[1].prompt_logprobs is None
+    for prompt, out in ((batch[0], outs[0]), (batch[2], outs[2])):
+        ref = hf_prompt_logprobs(ckpts[style], prompt, 2)
+        ours = [d[t] for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+        assert ours == pytest.approx([own for own, _, _ in ref], abs=1e-3)
+        assert [sorted(d, key=d.get, reverse=True)[:2] for d in out.prompt_logprobs[1:]] == \
+            [ids for _, ids, _ in ref]
 
 
 @torch.inference_mode()

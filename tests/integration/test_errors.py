@@ -1,6 +1,5 @@
 """Bad input: a clear error, no hang, no Ray actor left behind."""
 import json
-import os
 import shutil
 import time
 

@@ -12,37 +12,11 @@ import pytest
 import ray
 from ray import serve
 
-from benchmarks.common import free_port
 from driver import serve as raytp_serve
 from driver.config import EngineConfig, ServeConfig
 from driver.tokenizer import apply_chat_template, encode_prompt, load_tokenizer
-from tests.checkpoints import make_checkpoint
 from tests.hf_reference import hf_greedy
-
-MODEL = "tiny-llama"
-MAX_REQUESTS = 4
-MAX_MODEL_LEN = 2048
-KEY = "sk-test"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ckpt = make_checkpoint(str(tmp_path_factory.mktemp("served")), "llama", seed=3,
-                           max_position_embeddings=MAX_MODEL_LEN)
-    port = free_port()
-    engine_cfg = EngineConfig.create(ckpt, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
-    serve_cfg = ServeConfig(host="127.0.0.1", port=port, served_model_name=MODEL,
-                            max_num_requests=MAX_REQUESTS, replica_num_cpus=0, api_key=KEY)
-    raytp_serve.run(engine_cfg, serve_cfg, blocking=False)
-    yield ckpt, f"http://127.0.0.1:{port}"
-    serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+from tests.integration.conftest import AUTH, KEY, MAX_MODEL_LEN, MAX_REQUESTS, MODEL
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -248,7 +222,9 @@ def test_a_stream_never_sends_part_of_a_stop_string(client):
      f"maximum context length is {MAX_MODEL_LEN} tokens"),
     ({"model": MODEL, "prompt": [1] * 3000}, 400, "max_tokens", f"maximum context length is {MAX_MODEL_LEN}"),
     ({"model": MODEL, "prompt": [10 ** 7]}, 400, "prompt", "token ids must be integers in [0, "),
-    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    ({"model": MODEL, "prompt": "hi", "suffix": "!"}, 400, "suffix", "not supported"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias", "biases in [-100, 100]"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias", "past the vocabulary"),
     ({"model": MODEL, "prompt": "hi", "logprobs": 50}, 400, "logprobs", "'logprobs' must be in [0, 20]"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param, says):

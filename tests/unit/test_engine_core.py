@@ -30,7 +30,9 @@ def _steps(rng: random.Random, n: int, logprobs: bool) -> list[RequestOutput]:
                 reasons[i] = "length"
         comps = [CompletionOutput(i, texts[i], list(ids[i]), reasons[i], list(lps[i]) if logprobs else None)
                  for i in range(n)]
-        outs.append(RequestOutput("r", None, [1, 2, 3], comps, all(r is not None for r in reasons), 2))
+        prompt_logprobs = [None, {2: -1.5, 9: -0.5}, {3: -0.25}] if logprobs else None
+        outs.append(RequestOutput("r", None, [1, 2, 3], comps, all(r is not None for r in reasons), 2,
+                                  prompt_logprobs=prompt_logprobs))
     return outs
 
 
@@ -51,15 +53,18 @@ def test_deltas_reassemble_to_the_engine_outputs():
         for want, have in zip(outs, got):
             assert have.outputs == want.outputs and have.finished == want.finished
             assert have.prompt_token_ids == [1, 2, 3] and have.num_cached_tokens == 2
+            assert have.prompt_logprobs == want.prompt_logprobs
 
 
 def test_a_delta_carries_only_what_is_new():
-    out = RequestOutput("r", None, list(range(1000)), [CompletionOutput(0, "hello", [5, 6], None)], False)
+    out = RequestOutput("r", None, list(range(1000)), [CompletionOutput(0, "hello", [5, 6], None)], False,
+                        prompt_logprobs=[None] + [{t: -1.0} for t in range(1, 1000)])
     sent = {0: (1, 3)}
     delta = make_delta(out, sent)
     assert delta.completions[0].token_ids == [6] and delta.completions[0].text == "lo"
     assert delta.completions[0].text_start == 3 and sent == {0: (2, 5)}
     assert not hasattr(delta, "prompt_token_ids")  # the server has the prompt already
+    assert delta.prompt_logprobs is None  # sent with the request's first delta only
 
 
 def test_the_reader_takes_the_newest_output_and_raises_errors():

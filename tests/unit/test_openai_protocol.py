@@ -54,6 +54,15 @@ def test_prompt_forms_and_sampling_fields(tok):
     assert completion(tok, prompt=["a", "b"]).prompt_texts == ["a", "b"]
 
 
+def test_scoring_and_steering_fields(tok):
+    p = completion(tok, prompt="hi", logit_bias={"5": -100, "6": 3}, allowed_token_ids=[5, 6, 7]).params
+    assert p.logit_bias == {5: -100.0, 6: 3.0} and p.allowed_token_ids == (5, 6, 7)
+    assert completion(tok, prompt="hi", echo=True, logprobs=2).params.prompt_logprobs == 2  # echo scores the prompt
+    assert completion(tok, prompt="hi", logprobs=2).params.prompt_logprobs is None
+    req = completion(tok, prompt="hi", echo=True, logprobs=1, prompt_logprobs=4)
+    assert req.params.prompt_logprobs == 4 and req.prompt_logprobs == 4
+
+
 @pytest.mark.parametrize("body, param, says", [
     ({"prompt": "hi", "max_tokens": True}, "max_tokens", "must be int"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature", "must be int or float"),
@@ -61,6 +70,10 @@ def test_prompt_forms_and_sampling_fields(tok):
     ({"prompt": "hi", "n": 2, "best_of": 3}, "best_of", "must equal 'n'"),
     ({"prompt": "hi", "min_tokens": 9, "max_tokens": 2}, "min_tokens", "'min_tokens' (9) must be <="),
     ({"prompt": "hi", "suffix": "x"}, "suffix", "not supported"),
+    ({"prompt": "hi", "logit_bias": {"5": "a lot"}}, "logit_bias", "must map token ids to numbers"),
+    ({"prompt": "hi", "logit_bias": {"600": 1}}, "logit_bias", "past the vocabulary; they must be in [0, 512)"),
+    ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids", "non-empty list"),
+    ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available with 'stream'"),
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format", "only"),
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": []}, "prompt", "'prompt' must be"),

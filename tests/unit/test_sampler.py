@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from driver.sampling_params import SamplingParams
-from workers.sampler import (Sampler, SamplingRow, apply_min_tokens, apply_penalties,
-                             apply_top_k_top_p_min_p, process_logits, row_seed)
+from workers.logits_processors import apply_min_tokens, apply_penalties, process_logits
+from workers.sampler import Sampler, SamplingRow, apply_top_k_top_p_min_p, row_seed
 
 V = 32
 
