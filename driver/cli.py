@@ -9,6 +9,7 @@ import math
 import sys
 
 from driver.config import engine_fields
+from driver.tool_parsers import TOOL_PARSERS
 
 ENGINE_HELP = {
     "dtype": "weights/activations dtype: auto (float32 on CPU, checkpoint's or bfloat16 on GPU), "
@@ -128,6 +129,16 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1/* (default: no key)")
     group.add_argument("--num-replicas", type=int, help="engines behind the proxy, each with its own "
                                                         "tensor-parallel workers (default: 1)")
+    group.add_argument("--autoscaling-config", type=json.loads, metavar="JSON",
+                       help="Ray Serve's autoscaling_config instead of a fixed --num-replicas, e.g. "
+                            "'{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 64}': "
+                            "engines are added while each has more requests in flight than the target")
+    group.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                       help="chat requests with tools (tool_choice 'auto') get the model's tool calls back as "
+                            "tool_calls; needs --tool-call-parser")
+    group.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
+                       help="the format the model writes tool calls in: hermes (Hermes, Qwen2.5/3), "
+                            "llama3_json (Llama 3.1/3.2)")
 
 
 def _sampling_params(args):
@@ -202,7 +213,10 @@ def cmd_serve(args) -> int:
     serve_config = ServeConfig.from_yaml(args.config, host=args.host, port=args.port,
                                          served_model_name=args.served_model_name,
                                          max_num_requests=args.max_num_requests, num_replicas=args.num_replicas,
-                                         stream_interval=args.stream_interval, api_key=args.api_key)
+                                         stream_interval=args.stream_interval, api_key=args.api_key,
+                                         autoscaling_config=args.autoscaling_config,
+                                         enable_auto_tool_choice=args.enable_auto_tool_choice,
+                                         tool_call_parser=args.tool_call_parser)
     engine_config = _engine_config(args)
     name = serve_config.served_model_name or raytp_serve.served_name(engine_config)
     print(f"raytp: serving {name!r} at http://{serve_config.host}:{serve_config.port}/v1 (Ctrl-C stops)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -144,12 +144,44 @@ class ServeConfig:
     # messages through Serve's proxy, each of which costs the replica and the proxy Python time.
     stream_interval: int = 1
     api_key: str | None = None  # when set, /v1/* requests need `Authorization: Bearer <api_key>`
+    # Chat requests with tools and tool_choice "auto" (vLLM's flags): parse the model's tool
+    # calls out of its reply with this parser (driver/tool_parsers.py: hermes, llama3_json).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    # Ray Serve's autoscaling_config, as is ({"min_replicas": 1, "max_replicas": 4,
+    # "target_ongoing_requests": 64, ...}): Serve adds engines while the requests in flight
+    # per replica stay above the target (and the Ray autoscaler adds nodes for their
+    # placement groups). None: num_replicas engines, always.
+    autoscaling_config: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if min(self.max_num_requests, self.num_replicas, self.stream_interval) < 1:
             raise ValueError("max_num_requests, num_replicas and stream_interval must be >= 1")
+        if self.tool_call_parser is not None:
+            from driver.tool_parsers import get_tool_parser
+            get_tool_parser(self.tool_call_parser)  # a clear error for an unknown name
+        if self.autoscaling_config is not None:
+            self._check_autoscaling()
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes or llama3_json): the "
+                             "format the model writes its tool calls in")
+
+    def _check_autoscaling(self) -> None:
+        from ray.serve.config import AutoscalingConfig
+        conf = self.autoscaling_config
+        unknown = sorted(set(conf) - set(AutoscalingConfig.model_fields)) if isinstance(conf, dict) else None
+        if unknown is None or unknown:
+            raise ValueError(f"autoscaling_config must be a dict of Ray Serve's AutoscalingConfig fields "
+                             f"(min_replicas, max_replicas, target_ongoing_requests, ...); got {conf!r}")
+        if self.num_replicas != 1:
+            raise ValueError("give num_replicas or autoscaling_config, not both: with autoscaling, "
+                             "min_replicas and max_replicas bound the number of engines")
+        try:
+            AutoscalingConfig(**conf)
+        except Exception as e:  # pydantic's ValidationError says which field and why
+            raise ValueError(f"autoscaling_config: {e}") from None
 
     @classmethod
     def from_yaml(cls, path: str | None, **overrides) -> "ServeConfig":

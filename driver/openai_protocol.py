@@ -7,13 +7,14 @@ whose meaning raytp does not implement (tools, suffix, ...) are refused.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from driver.sampling_params import SamplingParams, check_token_ids_in_vocab
 from driver.tokenizer import apply_chat_template, encode_prompt
 
 MAX_TOP_LOGPROBS = 20
-_UNSUPPORTED = ("suffix", "tools", "functions", "tool_choice", "function_call")
+_UNSUPPORTED = ("suffix", "functions", "function_call")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -40,6 +41,7 @@ class ParsedRequest:
     echo: bool = False
     logprobs: bool = False  # chat: return logprobs (params.logprobs is the top-k count)
     prompt_logprobs: int | None = None  # vLLM's extension: return them, with this top-k
+    tool_parser: str | None = None  # chat with tools, tool_choice "auto": parse calls out of the reply
 
 
 def _field(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
@@ -113,7 +115,13 @@ def _chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise APIError(f"messages[{i}] needs a 'role' in {_ROLES}", param="messages")
+        msg = {"role": m["role"]}
         content = m.get("content")
+        if m["role"] == "assistant" and m.get("tool_calls"):  # a turn that called tools
+            msg["tool_calls"] = _template_tool_calls(m["tool_calls"], i)
+            content = "" if content is None else content
+        if m["role"] == "tool":
+            msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
                        for c in content):
@@ -122,8 +130,50 @@ def _chat_messages(body: dict) -> list[dict]:
             content = "".join(c["text"] for c in content)
         if not isinstance(content, str):
             raise APIError(f"messages[{i}].content must be a string or a list of text parts", param="messages")
-        out.append({"role": m["role"], "content": content})
+        out.append({**msg, "content": content})
     return out
+
+
+def _template_tool_calls(calls, i: int) -> list[dict]:
+    """An assistant turn's OpenAI tool_calls, with each call's arguments (a JSON string in the API)
+    as the object that chat templates expect (as vLLM and transformers pass them)."""
+    if not isinstance(calls, list):
+        raise APIError(f"messages[{i}].tool_calls must be a list", param="messages")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(f"messages[{i}].tool_calls: each needs a 'function' with a 'name'", param="messages")
+        args = fn.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except json.JSONDecodeError:
+            raise APIError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} are not valid JSON",
+                           param="messages") from None
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _tools(body: dict, tool_parser: str | None) -> tuple[list[dict] | None, bool]:
+    """The request's tools (for the template) and whether to parse tool calls out of the reply."""
+    tools = _field(body, "tools", (list,), None)
+    for t in tools or ():
+        if not (isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+                and isinstance(t["function"].get("name"), str)):
+            raise APIError("each of 'tools' must be {'type': 'function', 'function': {'name': ..., ...}}",
+                           param="tools")
+    choice = body.get("tool_choice") or ("auto" if tools else "none")
+    if choice == "none":
+        return tools, False
+    if not tools:
+        raise APIError("'tool_choice' needs 'tools'", param="tool_choice")
+    if choice != "auto":  # "required" or a named function
+        raise APIError("'tool_choice' may be 'auto' or 'none': raytp cannot force a tool call (that needs "
+                       "structured outputs)", param="tool_choice")
+    if tool_parser is None:
+        raise APIError("\"auto\" tool choice needs the server started with --enable-auto-tool-choice and "
+                       "--tool-call-parser (hermes or llama3_json)", param="tool_choice")
+    return tools, True
 
 
 def _prompt_logprobs(body: dict, stream: bool) -> int | None:
@@ -173,10 +223,10 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, v
                        param=param) from e
 
 
-def _chat_ids(body: dict, tokenizer) -> list[int]:
+def _chat_ids(body: dict, tokenizer, tools: list[dict] | None = None) -> list[int]:
     messages = _chat_messages(body)
     try:
-        return apply_chat_template(tokenizer, messages)
+        return apply_chat_template(tokenizer, messages, **({"tools": tools} if tools else {}))
     except ValueError as e:
         raise APIError(str(e), param="messages") from e
     except Exception as e:  # the template itself raised (e.g. roles out of order)
@@ -208,9 +258,11 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
-               served_model_name: str) -> ParsedRequest:
+               served_model_name: str, tool_parser: str | None = None) -> ParsedRequest:
+    """tool_parser: the server's --tool-call-parser when --enable-auto-tool-choice is on."""
     model = check_model(body, served_model_name)
-    ids = _check_ids(_chat_ids(body, tokenizer), vocab_size)
+    tools, parse_calls = _tools(body, tool_parser)
+    ids = _check_ids(_chat_ids(body, tokenizer, tools), vocab_size)
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _field(body, param, (int,), None)  # None: up to the context limit
     check_length(len(ids), max_tokens, max_model_len, param)
@@ -222,14 +274,14 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     prompt_k = _prompt_logprobs(body, stream)
     params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, vocab_size, prompt_k)
     return ParsedRequest(model, [ids], [None], params, stream, usage, logprobs=want_logprobs,
-                         prompt_logprobs=prompt_k)
+                         prompt_logprobs=prompt_k, tool_parser=tool_parser if parse_calls else None)
 
 
 def parse_tokenize(body: dict, tokenizer, served_model_name: str) -> list[int]:
     """vLLM's /tokenize: a 'prompt' string, or chat 'messages' through the template."""
     check_model(body, served_model_name)
     if "messages" in body:
-        return _chat_ids(body, tokenizer)
+        return _chat_ids(body, tokenizer, _field(body, "tools", (list,), None))
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise APIError("'prompt' must be a string (or send chat 'messages')", param="prompt")

@@ -21,6 +21,7 @@ from driver.openai_protocol import (APIError, ParsedRequest, parse_chat, parse_c
                                     parse_tokenize)
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.tokenizer import load_tokenizer
+from driver.tool_parsers import get_tool_parser
 
 
 def engine_error(e: Exception) -> APIError:
@@ -67,9 +68,11 @@ async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, stream_interval: int = 1):
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, stream_interval: int = 1,
+                 tool_parser: str | None = None):
         self.engine = engine
         self.stream_interval = stream_interval
+        self.tool_parser = tool_parser  # with --enable-auto-tool-choice: --tool-call-parser's name
         # The engine detokenizes in its own process; this one tokenizes prompts, renders chat
         # templates and spells out logprobs' tokens.
         self.tokenizer = load_tokenizer(engine.config.model.tokenizer)
@@ -97,8 +100,11 @@ class OpenAIServing:
 
     async def _serve(self, body: dict, chat: bool) -> dict | AsyncIterator[str]:
         m = self.engine.config.model
-        parse = parse_chat if chat else parse_completion
-        req = parse(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name)
+        if chat:
+            req = parse_chat(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name,
+                             self.tool_parser)
+        else:
+            req = parse_completion(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name)
         call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         gens = self._open(req, call_id)
         if req.stream:
@@ -162,16 +168,36 @@ class OpenAIServing:
         echo = self._prompt_text(req, i) if first and req.echo else ""  # the prompt leads the first delta
         if echo and req.logprobs:  # (with its logprobs)
             new_ids, new_lps = req.prompts[i] + new_ids, out.prompt_logprobs + new_lps
+        end, calls = len(c.text), None
+        if req.tool_parser:  # what may be a tool call waits until the choice ends
+            end, calls = self._stream_tool_calls(req, c)
         # The tail that could start a stop string waits until the choice ends (vLLM v1's
         # hold-back): a stream never sends text that the whole response would not have.
-        new_text = next_stream_delta(c.text, chars, req.params.stop or (), c.finish_reason is not None)
+        done = c.finish_reason is not None and (end == len(c.text) or calls is not None)
+        new_text = next_stream_delta(c.text[:end], chars, req.params.stop or (), done)
         text = echo + new_text
         sent[index] = (chars + len(new_text), len(c.token_ids))
         logprobs = self._logprobs(req, new_ids, new_lps, chat) if req.logprobs else None
         if not chat:
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if new_ids else {})
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        if calls:
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+        return {"index": index, "delta": delta, "logprobs": logprobs,
+                "finish_reason": "tool_calls" if calls else c.finish_reason}
+
+    @staticmethod
+    def _stream_tool_calls(req: ParsedRequest, c: CompletionOutput) -> tuple[int, list[dict] | None]:
+        """How much of the text a stream may send as content by now, and the tool calls once
+        the choice ended with some (its content is then the text before them)."""
+        parser = get_tool_parser(req.tool_parser)
+        cut = parser.tool_start(c.text)
+        if cut is None:
+            return len(c.text), None
+        if c.finish_reason is None:
+            return cut, None
+        _, calls = parser.extract(c.text)
+        return (cut, calls) if calls else (len(c.text), None)
 
     def _choice(self, req: ParsedRequest, i: int, out: RequestOutput, c: CompletionOutput, chat: bool) -> dict:
         index = i * req.params.n + c.index
@@ -180,8 +206,12 @@ class OpenAIServing:
             ids, lps = out.prompt_token_ids + ids, out.prompt_logprobs + lps
         logprobs = self._logprobs(req, ids, lps, chat) if req.logprobs else None
         if chat:
-            return {"index": index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": logprobs, "finish_reason": c.finish_reason}
+            message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
+            if req.tool_parser:
+                content, calls = get_tool_parser(req.tool_parser).extract(c.text)
+                if calls:
+                    message, reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
         text = self._prompt_text(req, i) + c.text if req.echo else c.text
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
         if req.prompt_logprobs is not None:

@@ -65,7 +65,8 @@ class OpenAIServer:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.engine = AsyncLLMEngine(engine_config, serve_config.max_num_requests)
         name = serve_config.served_model_name or served_name(engine_config)
-        self.api = OpenAIServing(self.engine, name, serve_config.stream_interval)
+        tool_parser = serve_config.tool_call_parser if serve_config.enable_auto_tool_choice else None
+        self.api = OpenAIServing(self.engine, name, serve_config.stream_interval, tool_parser)
         self.api_key = serve_config.api_key
         logger.info("serving %r (tp=%d, %s) as %r", engine_config.model.model,
                     engine_config.parallel.tensor_parallel_size, engine_config.parallel.device, name)
@@ -136,8 +137,10 @@ class OpenAIServer:
 def build_app(engine_config: EngineConfig, serve_config: ServeConfig):
     """The bound app for serve.run(): Serve queues no more than the engine accepts, so a
     request over the limit gets the engine's quick 503 rather than waiting in a queue."""
+    replicas = ({"autoscaling_config": dict(serve_config.autoscaling_config)} if serve_config.autoscaling_config
+                else {"num_replicas": serve_config.num_replicas})
     return OpenAIServer.options(
-        num_replicas=serve_config.num_replicas,
+        **replicas,
         max_ongoing_requests=serve_config.max_num_requests + 16,
         ray_actor_options={"num_cpus": serve_config.replica_num_cpus},
     ).bind(engine_config, serve_config)

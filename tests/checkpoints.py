@@ -25,6 +25,12 @@ STYLES = ("llama", "mistral", "qwen2")
 _tokenizer = functools.lru_cache(maxsize=1)(build_demo_tokenizer)
 
 
+def fresh_tokenizer():
+    """A copy of the test checkpoints' tokenizer, to change (added tokens, template)."""
+    import copy
+    return copy.deepcopy(_tokenizer())
+
+
 def _config(style: str, vocab: int, bos: int, eos: list[int], *, tie_word_embeddings: bool,
             num_heads: int, num_kv_heads: int, hidden: int, layers: int, intermediate: int,
             rope_scaling: dict | None, max_position_embeddings: int):
@@ -61,7 +67,7 @@ def make_checkpoint(dir: str, style: str = "llama", *, tie_word_embeddings: bool
                     num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64, layers: int = 2,
                     intermediate: int = 128, rope_scaling: dict | None = None,
                     max_position_embeddings: int = 512, seed: int = 0, shards: int = 1,
-                    init_std: float = INIT_STD) -> str:
+                    init_std: float = INIT_STD, tokenizer=None) -> str:
     """Write a tiny `style` checkpoint into `dir` (created if needed); returns `dir`.
 
     tie_word_embeddings defaults to True for qwen2 and False otherwise. init_std scales the
@@ -75,7 +81,7 @@ def make_checkpoint(dir: str, style: str = "llama", *, tie_word_embeddings: bool
     if tie_word_embeddings is None:
         tie_word_embeddings = style == "qwen2"
     os.makedirs(dir, exist_ok=True)
-    tokenizer = _tokenizer()
+    tokenizer = tokenizer or _tokenizer()
     tokenizer.save_pretrained(dir)
     eos = stop_token_ids(tokenizer)
     cfg = _config(style, len(tokenizer), tokenizer.bos_token_id, eos,
@@ -102,4 +108,49 @@ def make_checkpoint(dir: str, style: str = "llama", *, tie_word_embeddings: bool
     return dir
 
 
-__all__ = ["make_checkpoint", "STYLES"]
+# The demo's chat format, plus tools (listed in a system turn) and assistant turns that
+# called tools, written Hermes' way: <tool_call>{"name": ..., "arguments": ...}</tool_call>.
+TOOLS_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>\\n' }}{% for t in tools %}{{ t | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ '<|end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message.tool_calls %}{% for call in message.tool_calls %}"
+    "{{ '<tool_call>' + (call['function'] | tojson) + '</tool_call>' }}{% endfor %}"
+    "{% else %}{{ message['content'] }}{% endif %}{{ '<|end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def make_scripted_checkpoint(dir: str, script: list[str], chat_template: str = TOOLS_CHAT_TEMPLATE) -> str:
+    """A tiny Llama whose greedy reply to any chat is `script` (each piece one added token),
+    then its end-of-turn token: every layer adds nothing to the residual stream (o_proj and
+    down_proj are zero), so the logits depend on the last token alone, and lm_head maps the
+    generation prompt's last token to script[0], script[0] to script[1], and so on."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from driver.tokenizer import apply_chat_template
+
+    tok = fresh_tokenizer()
+    tok.add_tokens(list(script))
+    tok.chat_template = chat_template
+    make_checkpoint(dir, "llama", hidden=64, tokenizer=tok)
+    chain = [apply_chat_template(tok, [{"role": "user", "content": "hi"}])[-1]]
+    chain += [tok.convert_tokens_to_ids(piece) for piece in script] + [stop_token_ids(tok)[-1]]
+    path = os.path.join(dir, "model.safetensors")
+    weights = load_file(path)
+    for name, w in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w.zero_()
+    weights["model.norm.weight"].fill_(1.0)
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    head.zero_()
+    for prev, nxt in zip(chain, chain[1:]):
+        head[nxt] = 50 * embed[prev] / embed[prev].norm()
+    save_file({k: v.contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
+    assert torch.equal(load_file(path)["lm_head.weight"], head)
+    return dir
+
+
+__all__ = ["make_checkpoint", "make_scripted_checkpoint", "fresh_tokenizer", "STYLES", "TOOLS_CHAT_TEMPLATE"]

@@ -312,5 +312,6 @@ def test_cli_serve_help_explains():
     import sys
     out = subprocess.run([sys.executable, "-m", "driver.cli", "serve", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for words in ("OpenAI API", "--port", "--max-num-requests", "HTTP 503", "--tensor-parallel-size"):
+    for words in ("OpenAI API", "--port", "--max-num-requests", "HTTP 503", "--tensor-parallel-size",
+                  "--enable-auto-tool-choice", "{hermes,llama3_json}"):
         assert words in out

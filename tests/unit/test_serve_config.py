@@ -20,6 +20,8 @@ def test_preset_then_flags():
 
 
 @pytest.mark.parametrize("bad, says", [
+    ({"enable_auto_tool_choice": True}, "enable_auto_tool_choice needs tool_call_parser"),
+    ({"tool_call_parser": "mistral"}, "unknown tool call parser 'mistral'; choose one of"),
     ({"prot": 1}, "unknown serve option(s) ['prot']"),
     ({"port": 70000}, "port must be in 1..65535"),
     ({"stream_interval": 0}, "stream_interval must be >= 1"),

@@ -1,0 +1,109 @@
+"""Tool calls in generated text -> OpenAI's `tool_calls` (vLLM's `--tool-call-parser`).
+
+A parser knows one model family's format:
+
+- `hermes` (Hermes, Qwen2/2.5/3): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+  any number of them, after optional content;
+- `llama3_json` (Llama 3.1/3.2): the whole reply is `{"name": ..., "parameters": {...}}`
+  (several joined by `;`), optionally after `<|python_tag|>`.
+
+`extract(text)` splits a finished reply into its content (None when empty) and its calls;
+a reply whose calls do not parse is all content, as vLLM treats it. For streaming,
+`tool_start(text)` says where a call may begin in the text so far (None: not yet), so
+that the stream holds back what may turn out to be a call.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+
+def tool_call(name: str, arguments) -> dict:
+    """One call in OpenAI's shape (arguments as a JSON string)."""
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": args}}
+
+
+def _call_of(obj, args_key: str) -> dict | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(args_key, obj.get("arguments", {}))
+    return tool_call(obj["name"], args if args is not None else {})
+
+
+def _partial_suffix(text: str, marker: str) -> int | None:
+    """Where a tail of text that is a proper prefix of marker starts (None: no such tail)."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-k:]):
+            return len(text) - k
+    return None
+
+
+class HermesToolParser:
+    name = "hermes"
+    START, END = "<tool_call>", "</tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+    def tool_start(self, text: str) -> int | None:
+        pos = text.find(self.START)
+        return pos if pos >= 0 else _partial_suffix(text, self.START)
+
+    def extract(self, text: str) -> tuple[str | None, list[dict]]:
+        start = text.find(self.START)
+        if start < 0:
+            return text, []
+        calls = []
+        for body in self._CALL.findall(text[start:]):
+            try:
+                call = _call_of(json.loads(body.strip()), "arguments")
+            except json.JSONDecodeError:
+                call = None
+            if call is None:
+                return text, []
+            calls.append(call)
+        return text[:start].strip() or None, calls
+
+
+class Llama3JsonToolParser:
+    name = "llama3_json"
+    TAG = "<|python_tag|>"
+
+    def tool_start(self, text: str) -> int | None:
+        head = text.lstrip()
+        maybe = not head or head.startswith(("{", self.TAG)) or self.TAG.startswith(head)
+        return 0 if maybe else None
+
+    def extract(self, text: str) -> tuple[str | None, list[dict]]:
+        body = text.strip()
+        if body.startswith(self.TAG):
+            body = body[len(self.TAG):].lstrip()
+        if not body.startswith("{"):
+            return text, []
+        decoder, calls, pos = json.JSONDecoder(), [], 0
+        while pos < len(body):
+            try:
+                obj, end = decoder.raw_decode(body, pos)
+            except json.JSONDecodeError:
+                return text, []
+            call = _call_of(obj, "parameters")
+            if call is None:
+                return text, []
+            calls.append(call)
+            pos = end
+            while pos < len(body) and body[pos] in " \t\r\n;":
+                pos += 1
+        return None, calls
+
+
+TOOL_PARSERS = {p.name: p for p in (HermesToolParser, Llama3JsonToolParser)}
+
+
+def get_tool_parser(name: str):
+    if name not in TOOL_PARSERS:
+        raise ValueError(f"unknown tool call parser {name!r}; choose one of {sorted(TOOL_PARSERS)}")
+    return TOOL_PARSERS[name]()
+
+
+__all__ = ["TOOL_PARSERS", "get_tool_parser", "tool_call", "HermesToolParser", "Llama3JsonToolParser"]

@@ -1,0 +1,83 @@
+"""Tool calling through the OpenAI API (vLLM's --enable-auto-tool-choice --tool-call-parser
+hermes), end to end: a scripted checkpoint whose greedy reply to any chat is a Hermes-style
+tool call, served by Ray Serve, read with the official `openai` client, whole and streamed."""
+import json
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from benchmarks.common import free_port
+from driver import serve as raytp_serve
+from driver.config import EngineConfig, ServeConfig
+from tests.checkpoints import make_scripted_checkpoint
+
+MODEL = "tool-llama"
+CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    ckpt = make_scripted_checkpoint(str(tmp_path_factory.mktemp("tools")),
+                                    ["<tool_call>", json.dumps(CALL), "</tool_call>"])
+    port = free_port()
+    engine_cfg = EngineConfig.create(ckpt, device="cpu", dtype="float32", max_model_len=512)
+    serve_cfg = ServeConfig(host="127.0.0.1", port=port, served_model_name=MODEL, replica_num_cpus=0,
+                            enable_auto_tool_choice=True, tool_call_parser="hermes")
+    raytp_serve.run(engine_cfg, serve_cfg, blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_a_tool_call_comes_back_as_tool_calls(client):
+    out = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == CALL["arguments"]
+
+    # The next turn carries the call and its result back through the chat template.
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"}]
+    again = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0)
+    assert again.usage.prompt_tokens > out.usage.prompt_tokens
+    assert again.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_streamed_tool_calls_equal_the_whole_response(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0,
+                                                 stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ""  # nothing of the call as text
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
+        [(0, "get_weather", CALL["arguments"])]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_without_tools_the_reply_is_text(client, url):
+    out = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0)
+    assert out.choices[0].message.content == "<tool_call>" + json.dumps(CALL) + "</tool_call>"
+    assert not out.choices[0].message.tool_calls and out.choices[0].finish_reason == "stop"
+    none = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none")
+    assert none.choices[0].message.content.startswith("<tool_call>")
+    with_tools = httpx.post(url + "/tokenize", json={"model": MODEL, "messages": ASK, "tools": TOOLS}).json()
+    plain = httpx.post(url + "/tokenize", json={"model": MODEL, "messages": ASK}).json()
+    assert with_tools["count"] > plain["count"] + 20  # the template lists the tools
+
+
+def test_forced_tool_choice_is_refused_with_the_reason(client):
+    with pytest.raises(openai.BadRequestError, match="cannot force a tool call"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="'tool_choice' needs 'tools'"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tool_choice="auto")
