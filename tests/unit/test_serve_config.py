@@ -20,6 +20,9 @@ def test_preset_then_flags():
 
 
 @pytest.mark.parametrize("bad, says", [
+    ({"autoscaling_config": {"max_replica": 2}}, "Ray Serve's AutoscalingConfig fields"),
+    ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas (2) must be greater"),
+    ({"autoscaling_config": {"max_replicas": 2}, "num_replicas": 2}, "num_replicas or autoscaling_config"),
     ({"enable_auto_tool_choice": True}, "enable_auto_tool_choice needs tool_call_parser"),
     ({"tool_call_parser": "mistral"}, "unknown tool call parser 'mistral'; choose one of"),
     ({"prot": 1}, "unknown serve option(s) ['prot']"),
