@@ -8,10 +8,12 @@ import importlib
 _EXPORTS = {
     "LLM": "driver.llm",
     "SamplingParams": "driver.sampling_params",
+    "PoolingParams": "driver.sampling_params",
     "EngineConfig": "driver.config",
     "LLMEngine": "driver.engine",
     "RequestOutput": "driver.outputs",
     "CompletionOutput": "driver.outputs",
+    "EmbeddingRequestOutput": "driver.outputs",
 }
 
 

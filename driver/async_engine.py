@@ -24,7 +24,7 @@ from driver.engine import EngineDeadError
 from driver.engine_core import OutputDelta, start_engine_core
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.request_metrics import RequestMetrics
-from driver.sampling_params import SamplingParams
+from driver.sampling_params import PoolingParams, SamplingParams
 
 logger = logging.getLogger("raytp.async_engine")
 
@@ -57,7 +57,8 @@ class RequestStream:
         # A fresh object per delta: a reader holding the previous one never sees it change.
         self.output = RequestOutput(self.request_id, None, self.output.prompt_token_ids,
                                     [done[i] for i in sorted(done)], delta.finished, delta.num_cached_tokens,
-                                    prompt_logprobs=delta.prompt_logprobs or self.output.prompt_logprobs)
+                                    prompt_logprobs=delta.prompt_logprobs or self.output.prompt_logprobs,
+                                    embedding=delta.embedding)
         if self.first_token is None and any(d.token_ids for d in delta.completions):
             self.first_token = time.monotonic()
         self._queue.put_nowait(self.output)
@@ -92,7 +93,7 @@ class AsyncLLMEngine:
         self.metrics = RequestMetrics()  # latency histograms of the requests served here
         self._reader: asyncio.Task | None = None
 
-    def generate(self, prompt: list[int], params: SamplingParams,
+    def generate(self, prompt: list[int], params: SamplingParams | PoolingParams,
                  request_id: str) -> AsyncIterator[RequestOutput]:
         """Adds the request now (raising EngineOverloadedError or EngineDeadError at once) and
         returns its outputs; leaving them early (closing, cancellation) aborts the request.

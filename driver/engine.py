@@ -22,7 +22,8 @@ from driver.config import EngineConfig
 from driver.detokenizer import IncrementalDetokenizer, find_stop
 from driver.metrics import EngineMetrics
 from driver.outputs import CompletionOutput, RequestOutput
-from driver.sampling_params import SamplingParams, check_token_ids_in_vocab
+from driver.protocol import ModelRunnerOutput
+from driver.sampling_params import PoolingParams, SamplingParams, check_token_ids_in_vocab
 from driver.scheduler import Scheduler
 from driver.sequence import Sequence, SequenceGroup, SequenceStatus
 from driver.tokenizer import encode_prompt, load_tokenizer
@@ -63,9 +64,13 @@ class LLMEngine:
 
     # ---- requests ----
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | list[int], params: SamplingParams | PoolingParams | None = None,
                     request_id: str | None = None) -> str:
+        """Generate (SamplingParams) or embed (PoolingParams: the prompt's last hidden state)."""
         self._check_alive()
+        pooling = params if isinstance(params, PoolingParams) else None
+        if pooling is not None:  # one forward over the prompt; its one sampled token is dropped
+            params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text, token_ids = prompt, encode_prompt(self.tokenizer, prompt)
@@ -81,6 +86,7 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         group = SequenceGroup.create(request_id, text, token_ids, params)
+        group.pooling_params = pooling
         self.scheduler.add_request(group)  # raises on a prompt longer than max_model_len
         self.groups[request_id] = group
         return request_id
@@ -117,7 +123,7 @@ class LLMEngine:
         result = self._call(self.executor.collect, handle)
         collected = time.perf_counter()
         groups = self.scheduler.update_from_output(so, result)
-        self._record_prompt_logprobs(result.prompt_logprobs)
+        self._record_prompt_results(result)
         outputs = [self._make_output(g) for g in groups]
         end = time.perf_counter()
         self.metrics.record_step(so, result, end - start, self.scheduler)
@@ -132,15 +138,19 @@ class LLMEngine:
             self.fail(e)
             raise EngineDeadError(f"the engine stopped: {e}") from e
 
-    def _record_prompt_logprobs(self, computed: dict[str, tuple[int, list]]) -> None:
-        # Only a request's first sequence computes them, and its seq_id is the request id.
-        for seq_id, (start, dicts) in computed.items():
-            group = self.groups.get(seq_id)
-            if group is not None:  # (else aborted meanwhile)
-                group.prompt_logprobs[start:start + len(dicts)] = dicts
+    def _record_prompt_results(self, result: ModelRunnerOutput) -> None:
+        """Prompt logprobs and embeddings. Only a request's first sequence computes them, and its
+        seq_id is the request id; a request aborted meanwhile is gone from self.groups."""
+        for seq_id, (start, dicts) in result.prompt_logprobs.items():
+            if seq_id in self.groups:
+                self.groups[seq_id].prompt_logprobs[start:start + len(dicts)] = dicts
+        for seq_id, embedding in result.pooled.items():
+            if seq_id in self.groups:
+                self.groups[seq_id].embedding = embedding
 
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
-        completions = [self._completion(group, seq) for seq in group.seqs]
+        # An embedding request's one sampled token is an artifact of running its prompt: not an output.
+        completions = [] if group.pooling_params else [self._completion(group, seq) for seq in group.seqs]
         finished = group.is_finished
         if finished:
             self.groups.pop(group.request_id, None)
@@ -148,7 +158,8 @@ class LLMEngine:
                 self.texts.pop(seq.seq_id, None)
             self.metrics.record_finished(group)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             finished, group.seqs[0].num_cached_tokens, prompt_logprobs=group.prompt_logprobs)
+                             finished, group.seqs[0].num_cached_tokens, prompt_logprobs=group.prompt_logprobs,
+                             embedding=group.embedding)
 
     def _completion(self, group: SequenceGroup, seq: Sequence) -> CompletionOutput:
         params = group.sampling_params

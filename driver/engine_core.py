@@ -32,7 +32,7 @@ from driver.config import EngineConfig
 from driver.engine import EngineDeadError, LLMEngine
 from driver.metrics import RayMetrics
 from driver.outputs import RequestOutput
-from driver.sampling_params import SamplingParams
+from driver.sampling_params import PoolingParams, SamplingParams
 
 logger = logging.getLogger("raytp.engine_core")
 
@@ -55,6 +55,7 @@ class OutputDelta(NamedTuple):
     error: Exception | None = None  # the request could not be added, or the engine died
     # In a request's first delta, when asked: complete by then (its first token comes after).
     prompt_logprobs: list | None = None
+    embedding: list | None = None  # an embedding request's, in its last delta
 
 
 def make_delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> OutputDelta:
@@ -70,7 +71,7 @@ def make_delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> OutputDe
                                            c.finish_reason))
         sent[c.index] = (len(c.token_ids), len(c.text))
     return OutputDelta(out.request_id, completions, out.finished, out.num_cached_tokens,
-                       prompt_logprobs=prompt_logprobs)
+                       prompt_logprobs=prompt_logprobs, embedding=out.embedding)
 
 
 class EngineCore:
@@ -95,7 +96,7 @@ class EngineCore:
         self._ray_metrics = RayMetrics(name, os.path.basename(os.path.normpath(self.config.model.model)))
         threading.Thread(target=self._loop, name="raytp-engine-loop", daemon=True).start()
 
-    async def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    async def add(self, request_id: str, prompt: list[int], params: SamplingParams | PoolingParams) -> None:
         self._inbox.put(("add", request_id, prompt, params))
         self._wake.set()
 

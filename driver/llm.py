@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from driver.config import EngineConfig
 from driver.engine import LLMEngine
-from driver.outputs import RequestOutput
-from driver.sampling_params import SamplingParams
+from driver.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from driver.sampling_params import PoolingParams, SamplingParams
 from driver.tokenizer import apply_chat_template
 
 Prompt = str | list[int]
@@ -39,7 +39,7 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams | PoolingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run a batch to completion; outputs come back in input order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -68,6 +68,15 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [apply_chat_template(self.tokenizer, c) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """Each prompt's embedding: its last token's final hidden state (PoolingParams)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        outs = self.generate(list(prompts), [pooling_params or PoolingParams()] * len(prompts), use_tqdm)
+        return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding))
+                for o in outs]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

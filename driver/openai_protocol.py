@@ -84,26 +84,27 @@ def _check_ids(ids: list, vocab_size: int, param: str = "prompt", allow_empty: b
     return list(ids)
 
 
-def _completion_prompts(body: dict, tokenizer, vocab_size: int) -> tuple[list[list[int]], list[str | None]]:
-    prompt = body.get("prompt")
+def _completion_prompts(body: dict, tokenizer, vocab_size: int,
+                        param: str = "prompt") -> tuple[list[list[int]], list[str | None]]:
+    prompt = body.get(param)
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
-        raise APIError("'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                       "lists of token ids", param="prompt")
+        raise APIError(f"'{param}' must be a string, a list of strings, a list of token ids or a list of "
+                       "lists of token ids", param=param)
     ids, texts = [], []
     for p in prompt:
         if isinstance(p, str):
             if not p:
-                raise APIError("'prompt' is empty; give at least one character", param="prompt")
-            ids.append(_check_ids(encode_prompt(tokenizer, p), vocab_size))
+                raise APIError(f"'{param}' is empty; give at least one character", param=param)
+            ids.append(_check_ids(encode_prompt(tokenizer, p), vocab_size, param))
             texts.append(p)
         elif isinstance(p, list):
-            ids.append(_check_ids(p, vocab_size))
+            ids.append(_check_ids(p, vocab_size, param))
             texts.append(None)
         else:
-            raise APIError(f"each prompt must be a string or a list of token ids, got {type(p).__name__}",
-                           param="prompt")
+            raise APIError(f"each {param} must be a string or a list of token ids, got {type(p).__name__}",
+                           param=param)
     return ids, texts
 
 
@@ -277,6 +278,31 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
                          prompt_logprobs=prompt_k, tool_parser=tool_parser if parse_calls else None)
 
 
+@dataclass
+class EmbeddingRequest:
+    model: str
+    inputs: list[list[int]]
+    base64: bool  # encoding_format "base64" (the openai client's default): float32 bytes
+
+
+def parse_embeddings(body: dict, tokenizer, vocab_size: int, max_model_len: int,
+                     served_model_name: str) -> EmbeddingRequest:
+    model = check_model(body, served_model_name)
+    inputs, _ = _completion_prompts(body, tokenizer, vocab_size, param="input")
+    for ids in inputs:
+        if len(ids) >= max_model_len:
+            raise APIError(f"This model's maximum context length is {max_model_len} tokens. However, an input "
+                           f"has {len(ids)} tokens; shorten it below {max_model_len}.", param="input",
+                           code="context_length_exceeded")
+    fmt = _field(body, "encoding_format", (str,), "float")
+    if fmt not in ("float", "base64"):
+        raise APIError(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format")
+    if body.get("dimensions") is not None:
+        raise APIError("'dimensions' is not supported: embeddings have the model's hidden size",
+                       param="dimensions")
+    return EmbeddingRequest(model, inputs, fmt == "base64")
+
+
 def parse_tokenize(body: dict, tokenizer, served_model_name: str) -> list[int]:
     """vLLM's /tokenize: a 'prompt' string, or chat 'messages' through the template."""
     check_model(body, served_model_name)
@@ -297,5 +323,5 @@ def parse_detokenize(body: dict, vocab_size: int, served_model_name: str) -> lis
     return _check_ids(tokens, vocab_size, param="tokens", allow_empty=True)
 
 
-__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "parse_tokenize", "parse_detokenize",
-           "check_length", "MAX_TOP_LOGPROBS"]
+__all__ = ["APIError", "ParsedRequest", "parse_completion", "parse_chat", "parse_embeddings", "parse_tokenize",
+           "parse_detokenize", "check_length", "MAX_TOP_LOGPROBS"]

@@ -8,18 +8,22 @@ the task was cancelled) closes every engine stream, which aborts its request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+import numpy as np
+
 from driver.async_engine import AsyncLLMEngine, EngineOverloadedError
 from driver.detokenizer import next_stream_delta
 from driver.engine import EngineDeadError
 from driver.openai_protocol import (APIError, ParsedRequest, parse_chat, parse_completion, parse_detokenize,
-                                    parse_tokenize)
+                                    parse_embeddings, parse_tokenize)
 from driver.outputs import CompletionOutput, RequestOutput
+from driver.sampling_params import PoolingParams, SamplingParams
 from driver.tokenizer import load_tokenizer
 from driver.tool_parsers import get_tool_parser
 
@@ -92,6 +96,17 @@ class OpenAIServing:
         ids = parse_detokenize(body, self.engine.config.model.arch.vocab_size, self.model_name)
         return {"prompt": self.tokenizer.decode(ids)}
 
+    async def embeddings(self, body: dict) -> dict:
+        m = self.engine.config.model
+        req = parse_embeddings(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name)
+        call_id = f"embd-{uuid.uuid4().hex}"
+        finals = await _collect(self._open(req.inputs, PoolingParams(), call_id))
+        data = [{"object": "embedding", "index": i, "embedding": _encode(out.embedding, req.base64)}
+                for i, out in enumerate(finals)]
+        tokens = sum(len(ids) for ids in req.inputs)
+        return {"id": call_id, "object": "list", "created": int(time.time()), "model": req.model, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
     async def completions(self, body: dict) -> dict | AsyncIterator[str]:
         return await self._serve(body, chat=False)
 
@@ -106,16 +121,10 @@ class OpenAIServing:
         else:
             req = parse_completion(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name)
         call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        gens = self._open(req, call_id)
+        gens = self._open(req.prompts, req.params, call_id)
         if req.stream:
             return self._stream(req, call_id, gens, chat)
-        finals: list[RequestOutput | None] = [None] * len(gens)
-        try:
-            async with aclosing(merge(gens)) as outputs:
-                async for i, out in outputs:
-                    finals[i] = out
-        except Exception as e:
-            raise engine_error(e) from e
+        finals = await _collect(gens)
         choices = [self._choice(req, i, out, c, chat) for i, out in enumerate(finals) for c in out.outputs]
         kind = "chat.completion" if chat else "text_completion"
         response = {"id": call_id, "object": kind, "created": int(time.time()), "model": req.model,
@@ -124,11 +133,12 @@ class OpenAIServing:
             response["prompt_logprobs"] = self._prompt_logprobs(req, finals[0])
         return response
 
-    def _open(self, req: ParsedRequest, call_id: str) -> list[AsyncIterator[RequestOutput]]:
+    def _open(self, prompts: list[list[int]], params: SamplingParams | PoolingParams,
+              call_id: str) -> list[AsyncIterator[RequestOutput]]:
         gens = []
         try:
-            for i, ids in enumerate(req.prompts):
-                gens.append(self.engine.generate(ids, req.params, f"{call_id}-{i}"))
+            for i, ids in enumerate(prompts):
+                gens.append(self.engine.generate(ids, params, f"{call_id}-{i}"))
         except Exception as e:  # overloaded or dead: take back the prompts already added
             for i in range(len(gens)):
                 self.engine.abort(f"{call_id}-{i}")
@@ -263,6 +273,25 @@ class OpenAIServing:
         prompt = sum(len(ids) for ids in req.prompts)
         completion = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _collect(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Each stream's last output (leaving early closes every stream: their requests abort)."""
+    finals: list[RequestOutput | None] = [None] * len(gens)
+    try:
+        async with aclosing(merge(gens)) as outputs:
+            async for i, out in outputs:
+                finals[i] = out
+    except Exception as e:
+        raise engine_error(e) from e
+    return finals
+
+
+def _encode(vector: list[float], as_base64: bool) -> list[float] | str:
+    """OpenAI's encodings of an embedding: floats, or base64 of its float32 bytes (little-endian)."""
+    if not as_base64:
+        return vector
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 def _sse(obj: dict) -> str:

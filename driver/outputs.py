@@ -28,4 +28,20 @@ class RequestOutput:
     # When asked (SamplingParams.prompt_logprobs): per prompt token, {token_id: logprob} of the
     # token itself and the top k given the tokens before it; None for the first token.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    embedding: list[float] | None = None  # a PoolingParams request's, once finished
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """LLM.embed's answer per prompt (vLLM's shape)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from driver.sampling_params import SamplingParams
+from driver.sampling_params import PoolingParams, SamplingParams
 
 
 @dataclass
@@ -29,6 +29,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     seq_index: int = 0  # which of the request's n completions (seeds differ per completion)
     stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) + stop ids: masked before min_tokens
+    pooling_params: PoolingParams | None = None  # an embedding request: its last prompt row's hidden state
 
 
 @dataclass
@@ -91,4 +92,5 @@ class ModelRunnerOutput:
     # Sequences that asked for prompt logprobs and computed prompt tokens this step:
     # req_id -> (p, dicts for prompt positions p, p+1, ...), each as in `logprobs`.
     prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
+    pooled: dict[str, list[float]] = field(default_factory=dict)  # embedding requests done this step
     timings: dict[str, float] = field(default_factory=dict)  # worker-side seconds, for metrics

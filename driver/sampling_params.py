@@ -97,3 +97,12 @@ def check_token_ids_in_vocab(params: SamplingParams, vocab_size: int) -> None:
         if any(t >= vocab_size for t in ids):
             raise ValueError(f"SamplingParams.{name} has token ids past the vocabulary; they must be "
                              f"in [0, {vocab_size})")
+
+
+@dataclass(frozen=True)
+class PoolingParams:
+    """An embedding request (vLLM's name): the model's final hidden state of the prompt's last
+    token (after the final norm; last-token pooling, as e5-mistral and gte-Qwen2 embed),
+    L2-normalized unless normalize=False. The prompt is computed; nothing is generated."""
+
+    normalize: bool = True

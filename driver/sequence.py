@@ -5,7 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from driver.sampling_params import SamplingParams
+from driver.sampling_params import PoolingParams, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -96,6 +96,8 @@ class SequenceGroup:
     # With SamplingParams.prompt_logprobs: one entry per prompt token, filled as the parent's
     # prefill chunks compute them (the first stays None: nothing comes before it).
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    pooling_params: PoolingParams | None = None  # an embedding request (then n = 1, max_tokens = 1)
+    embedding: list[float] | None = None
 
     @staticmethod
     def create(request_id: str, prompt: str | None, prompt_token_ids: list[int],

@@ -38,3 +38,10 @@ def hf_prompt_logprobs(ckpt: str, prompt_ids: list[int], k: int) -> list[tuple[f
     own = lp.gather(1, torch.tensor(prompt_ids[1:]).unsqueeze(1)).squeeze(1)
     top_v, top_i = torch.topk(lp, k, dim=-1)
     return [(float(o), i.tolist(), v.tolist()) for o, i, v in zip(own, top_i, top_v)]
+
+
+@torch.inference_mode()
+def hf_embedding(ckpt: str, prompt_ids: list[int], normalize: bool = True) -> list[float]:
+    """The last token's final hidden state (the base model's output, after its final norm)."""
+    hidden = hf_model(ckpt).model(torch.tensor([prompt_ids])).last_hidden_state[0, -1].float()
+    return (torch.nn.functional.normalize(hidden, dim=0) if normalize else hidden).tolist()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from driver.protocol import ModelRunnerOutput, SchedulerOutput
-from driver.sampling_params import SamplingParams
+from driver.sampling_params import PoolingParams, SamplingParams
 from workers import parallel_state
 from ops.prefill_attention import PrefillPlan, flash_supported, plan_prefill
 from workers.attention import AttentionMetadata
@@ -47,6 +47,7 @@ class CachedRequestState:
     pending_index: int = -1  # with a PLACEHOLDER last: its row in the step's token tensor
     row: int = -1  # its row in the runner's BlockTables
     sampling_row: SamplingRow | None = None  # rank 0's view for the sampler; shares token_ids
+    pooling_params: PoolingParams | None = None  # an embedding request
 
 
 @dataclass
@@ -59,6 +60,7 @@ class StepInputs:
     samples_every_token: bool = False  # logits_indices is arange(num_tokens) (decode-only steps)
     bucket: int | None = None  # a decode-only step run by this bucket's CUDA graph
     prompt_plan: PromptLogprobsPlan | None = None  # rows whose prompt logprobs were asked for
+    pooling: bool = False  # a sampling sequence is an embedding request: its hidden row is returned
 
 
 @dataclass
@@ -72,6 +74,7 @@ class _StepInFlight:
     rows: list[SamplingRow]  # rank 0: what was sampled (for the logprob dicts)
     timer: "_StepTimer"
     prompt: PromptLogprobs | None = None  # rank 0, in host memory
+    pooled: tuple[list[str], torch.Tensor] | None = None  # rank 0: embedding requests' vectors, host
 
 
 def _fill_placeholders(input_ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor,
@@ -105,6 +108,7 @@ class ModelRunner:
         self._prev: _StepInFlight | None = None  # queued, its output not yet returned
         self._returned_at: float | None = None  # when execute_model last returned
         self._prompt_lp_ids: set[str] = set()  # sequences with prompt logprobs still to compute
+        self._pooling_ids: set[str] = set()  # live embedding requests
         key_cache = kv_caches[0][0] if kv_caches else None
         # Plan the prefill gather on the host (no per-layer host syncs) where flash runs it.
         self.plan_prefill = key_cache is not None and flash_supported(key_cache.dtype, key_cache.shape[-1],
@@ -114,6 +118,7 @@ class ModelRunner:
         for req_id in so.finished_req_ids:
             state = self.requests.pop(req_id, None)
             self._prompt_lp_ids.discard(req_id)
+            self._pooling_ids.discard(req_id)
             if state is not None:
                 self.block_tables.remove(state.row)
         for new in so.new_reqs:
@@ -128,6 +133,9 @@ class ModelRunner:
                                              state.num_prompt_tokens, state.stop_token_ids)
             if wants_prompt_logprobs(new.sampling_params, new.seq_index):
                 self._prompt_lp_ids.add(new.req_id)
+            if new.pooling_params is not None:
+                state.pooling_params = new.pooling_params
+                self._pooling_ids.add(new.req_id)
         for delta in so.cached_reqs:
             state = self.requests[delta.req_id]
             if delta.new_block_ids:
@@ -142,7 +150,8 @@ class ModelRunner:
         table_rows = np.array([s.row for s in states], dtype=np.intp)
         num_decodes = num_leading_decodes(num_scheduled)
         prompt_plan = self._plan_prompt_logprobs(so, states)
-        if num_decodes == len(states) and self.graphs is not None and prompt_plan is None:
+        pooling = bool(self._pooling_ids) and not self._pooling_ids.isdisjoint(so.req_ids)
+        if num_decodes == len(states) and self.graphs is not None and prompt_plan is None and not pooling:
             bucket = self.graphs.bucket(num_decodes)
             if bucket is not None:
                 return self._prepare_graph_step(states, table_rows, bucket, prev)
@@ -176,7 +185,7 @@ class ModelRunner:
                                  max_query_len=max(num_scheduled),
                                  max_context_len=self.context_bound or int(r.context_lens.max()), prefill=plan)
         return StepInputs(ids, pos, meta, rows, r.sample_ids, len(r.sample_rows) == len(r.input_ids),
-                          prompt_plan=prompt_plan)
+                          prompt_plan=prompt_plan, pooling=pooling)
 
     def _plan_prompt_logprobs(self, so: SchedulerOutput, states: list[CachedRequestState]
                               ) -> PromptLogprobsPlan | None:
@@ -207,24 +216,26 @@ class ModelRunner:
                                    self.block_size, self.device)
         self.graphs.capture()
 
-    def _logits(self, inputs: StepInputs) -> tuple[torch.Tensor | None, PromptLogprobs | None]:
+    def _logits(self, inputs: StepInputs) -> tuple[torch.Tensor | None, PromptLogprobs | None,
+                                                   torch.Tensor | None]:
         """Run the step's forward -> logits [num_sampled, vocab] float32 (None: none sample),
-        and the prompt logprobs asked for (rank 0)."""
+        the prompt logprobs asked for (rank 0), and the sampled rows' hidden states [num_sampled,
+        hidden] when an embedding request is among them."""
         if inputs.bucket is not None:  # the graph ends in the logits of every row
             logits = self.graphs.run(inputs.meta.num_seqs, inputs.bucket)
             if not inputs.sample_req_ids:
-                return None, None
-            return (logits if inputs.samples_every_token else logits[inputs.logits_indices]), None
+                return None, None, None
+            return (logits if inputs.samples_every_token else logits[inputs.logits_indices]), None, None
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # [T, H]
         prompt = None
         if inputs.prompt_plan is not None:
             prompt = compute_prompt_logprobs(self.model, hidden, inputs.prompt_plan, self.rank)
         if not inputs.sample_req_ids:
-            return None, prompt
+            return None, prompt, None
         # Every rank joins the logits all-gather; only rank 0 samples.
         if not inputs.samples_every_token:  # (else the gather is a copy of all of it)
             hidden = hidden[inputs.logits_indices]
-        return self.model.compute_logits(hidden), prompt  # [num_sampled, vocab]
+        return self.model.compute_logits(hidden), prompt, hidden if inputs.pooling else None
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> list[ModelRunnerOutput] | None:
@@ -235,15 +246,15 @@ class ModelRunner:
             timer.timings["call_gap_s"] = timer.start - self._returned_at
         self.update_states(so)
         prev, self._prev = self._prev, None
-        logits, inputs, prompt = None, None, None
+        logits, inputs, prompt, hidden = None, None, None, None
         if so.req_ids:
             inputs = self.prepare_inputs(so, prev)
             timer.lap("prepare_s")
-            logits, prompt = self._logits(inputs)
+            logits, prompt, hidden = self._logits(inputs)
             timer.lap("forward_s")
         outs = [self._finish(prev)]  # this step is queued: now wait for the previous one's tokens
         timer.lap("wait_prev_s")  # (the GPU's time, not the host's: kept out of sample_s)
-        self._prev = self._sample(so.step_id, inputs, logits, timer, prompt)
+        self._prev = self._sample(so.step_id, inputs, logits, timer, prompt, hidden)
         if self.device.type == "cpu":  # nothing to overlap: answer now
             outs.append(self._finish(self._prev))
             self._prev = None
@@ -261,14 +272,16 @@ class ModelRunner:
         return outs if self.rank == 0 else None
 
     def _sample(self, step_id: int, inputs: StepInputs | None, logits: torch.Tensor | None,
-                timer: "_StepTimer", prompt: PromptLogprobs | None = None) -> _StepInFlight:
+                timer: "_StepTimer", prompt: PromptLogprobs | None = None,
+                hidden: torch.Tensor | None = None) -> _StepInFlight:
         """Sample (rank 0), share the tokens with every rank, start their copy (and that of
-        the prompt logprobs) to the host, before the step's end event."""
+        the prompt logprobs and embeddings) to the host, before the step's end event."""
         ids = inputs.sample_req_ids if inputs is not None else []
         states = [self.requests[r] for r in ids]
         if prompt is not None:
             prompt = PromptLogprobs(prompt.plan, *map(_to_host, (prompt.logprobs, prompt.top_logprobs,
                                                                  prompt.top_ids)))
+        pooled = self._pool(states, hidden) if hidden is not None and self.rank == 0 else None
         if not ids:
             timer.end()
             return _StepInFlight(step_id, [], None, None, [], timer, prompt)
@@ -284,7 +297,22 @@ class ModelRunner:
         host = sampled.replace_tensors([_to_host(t) for t in sampled.tensors()])
         timer.lap("sample_s")
         timer.end()
-        return _StepInFlight(step_id, states, sampled.tokens, host, rows, timer, prompt)
+        return _StepInFlight(step_id, states, sampled.tokens, host, rows, timer, prompt, pooled)
+
+    @staticmethod
+    def _pool(states: list[CachedRequestState], hidden: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
+        """The embedding requests among the sampling rows: (ids, their vectors [n, hidden] float32,
+        on their way to the host). hidden: the rows' final hidden states (after the final norm)."""
+        rows = [i for i, s in enumerate(states) if s.pooling_params is not None]
+        if not rows:
+            return None
+        vectors = hidden[rows].float()
+        unit = [states[i].pooling_params.normalize for i in rows]
+        if any(unit):
+            norms = vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            scale = torch.tensor(unit, device=vectors.device).unsqueeze(1)
+            vectors = torch.where(scale, vectors / norms, vectors)
+        return [states[i].req_id for i in rows], _to_host(vectors)
 
     def _finish(self, step: _StepInFlight | None) -> ModelRunnerOutput | None:
         """Wait for a step's tokens on the host, fill its placeholders; rank 0's output."""
@@ -304,7 +332,9 @@ class ModelRunner:
         if self.rank != 0:
             return None
         prompt = prompt_logprobs_to_host(step.prompt) if step.prompt is not None else {}
-        return ModelRunnerOutput(step.step_id, [s.req_id for s in step.states], tokens, logprobs, prompt, timings)
+        pooled = dict(zip(step.pooled[0], step.pooled[1].tolist())) if step.pooled is not None else {}
+        return ModelRunnerOutput(step.step_id, [s.req_id for s in step.states], tokens, logprobs, prompt, pooled,
+                                 timings)
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:

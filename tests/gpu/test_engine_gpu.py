@@ -14,10 +14,10 @@ pytestmark = [pytest.mark.gpu,
 
 ray = pytest.importorskip("ray")
 
-from driver import LLM, SamplingParams  # noqa: E402
+from driver import LLM, PoolingParams, SamplingParams  # noqa: E402
 from driver.demo import INIT_STD  # noqa: E402
 from tests.checkpoints import make_checkpoint  # noqa: E402
-from tests.hf_reference import hf_greedy, hf_model, hf_prompt_logprobs  # noqa: E402
+from tests.hf_reference import hf_embedding, hf_greedy, hf_model, hf_prompt_logprobs  # noqa: E402
 
 # style -> (hidden, heads, kv heads): head dims 64 / 64 / 128, GQA 2 / 4 / 1.
 SHAPES = {"llama": (256, 4, 2), "mistral": (512, 8, 2), "qwen2": (512, 4, 4)}
@@ -84,14 +84,22 @@ def test_float32_greedy_equals_transformers(ckpts, style, tp):
 
 @pytest.mark.parametrize("tp", _tp_sizes())
 @pytest.mark.parametrize("style", list(SHAPES))
-def test_float32_prompt_logprobs_equal_transformers(ckpts, style, tp):
+def test_float32_prompt_logprobs_and_embeddings_equal_transformers(ckpts, style, tp):
     """Prompt logprobs over chunked prefills (301 tokens, budget 128), batched with a request
-    that does not ask, past the prefix cache they must not read."""
+    that does not ask, past the prefix cache they must not read; then embeddings (the last
+    token's final hidden state), one of them of a 1-token prompt beside decodes."""
     asks = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
     with _engine(ckpts[style], tp, "float32") as llm:
         prompts = _prompts(llm.config.model.arch.vocab_size)
         batch = [prompts[2], prompts[1], prompts[3]]
         outs = llm.generate(batch, [asks, SamplingParams(max_tokens=2), asks], use_tqdm=False)
+        embed_prompts = [prompts[2], prompts[4], prompts[0][:1]]
+        vecs = [o.embedding for o in llm.generate(
+            [prompts[2], prompts[0]], [PoolingParams(), SamplingParams(max_tokens=8)], use_tqdm=False)[:1]]
+        vecs += [o.outputs.embedding for o in llm.embed(prompts[4:5], use_tqdm=False)]
+        vecs.append(_embed_beside_decodes(llm.engine, prompts[3], prompts[0][:1]))
+    for prompt, vec in zip(embed_prompts, vecs):
+        assert vec == pytest.approx(hf_embedding(ckpts[style], prompt), abs=1e-3)
     assert outs[2].num_cached_tokens == 0 and outs[1].prompt_logprobs is None
     for prompt, out in ((batch[0], outs[0]), (batch[2], outs[2])):
         ref = hf_prompt_logprobs(ckpts[style], prompt, 2)
@@ -99,6 +107,20 @@ def test_float32_prompt_logprobs_equal_transformers(ckpts, style, tp):
         assert ours == pytest.approx([own for own, _, _ in ref], abs=1e-3)
         assert [sorted(d, key=d.get, reverse=True)[:2] for d in out.prompt_logprobs[1:]] == \
             [ids for _, ids, _ in ref]
+
+
+def _embed_beside_decodes(engine, running: list[int], one_token: list[int]) -> list[float]:
+    """A 1-token embedding request added while another request decodes: a step of 1-token rows
+    only, which would otherwise run as a decode CUDA graph (that returns no hidden states)."""
+    engine.add_request(running, SamplingParams(max_tokens=12, ignore_eos=True), request_id="running")
+    for _ in range(4):  # its prefill, then decodes
+        engine.step()
+    engine.add_request(one_token, PoolingParams(), request_id="embed")
+    done = {}
+    while engine.has_unfinished_work():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert len(done["running"].outputs[0].token_ids) == 12
+    return done["embed"].embedding
 
 
 @torch.inference_mode()

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from driver.tokenizer import load_tokenizer
-from tests.hf_reference import hf_greedy, hf_prompt_logprobs
-from tests.integration.conftest import AUTH, MODEL
+from tests.hf_reference import hf_embedding, hf_greedy, hf_prompt_logprobs
+from tests.integration.conftest import AUTH, MAX_MODEL_LEN, MODEL
 
 PROMPT = [random.Random(5).randrange(3, 500) for _ in range(21)]
 
@@ -85,3 +85,25 @@ def test_logit_bias_and_allowed_token_ids_steer_the_tokens(server, client):
     restricted = client.completions.create(**kw).choices[0]
     assert restricted.logprobs.tokens[0] == tok.decode([greedy[0]])  # the best of them
     assert set(restricted.logprobs.tokens) <= {tok.decode([t]) for t in allowed}
+
+
+def test_embeddings_equal_transformers(server, client):
+    ckpt, url = server
+    tok = load_tokenizer(ckpt)
+    out = client.embeddings.create(model=MODEL, input=["Hello there", PROMPT])  # the client asks for base64
+    assert [d.index for d in out.data] == [0, 1]
+    ids = tok.encode("Hello there")
+    assert out.data[0].embedding == pytest.approx(hf_embedding(ckpt, ids), abs=1e-4)
+    assert out.data[1].embedding == pytest.approx(hf_embedding(ckpt, PROMPT), abs=1e-4)
+    assert out.usage.prompt_tokens == len(ids) + len(PROMPT)
+
+    r = httpx.post(url + "/v1/embeddings", headers=AUTH, timeout=30,
+                   json={"model": MODEL, "input": PROMPT, "encoding_format": "float"}).json()
+    assert r["object"] == "list" and r["data"][0]["object"] == "embedding"
+    assert r["data"][0]["embedding"] == pytest.approx(out.data[1].embedding, abs=1e-6)
+    with pytest.raises(openai.BadRequestError, match=f"maximum context length is {MAX_MODEL_LEN}"):
+        client.embeddings.create(model=MODEL, input=[5] * MAX_MODEL_LEN)
+    with pytest.raises(openai.BadRequestError, match="'dimensions' is not supported"):
+        client.embeddings.create(model=MODEL, input="hi", dimensions=8)
+    with pytest.raises(openai.BadRequestError, match="'input' is empty"):
+        client.embeddings.create(model=MODEL, input="")
