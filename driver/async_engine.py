@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from driver.config import EngineConfig
 from driver.engine import EngineDeadError
 from driver.engine_core import OutputDelta, start_engine_core
+from driver.lora import LoRARequest
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.request_metrics import RequestMetrics
 from driver.sampling_params import PoolingParams, SamplingParams
@@ -93,8 +94,8 @@ class AsyncLLMEngine:
         self.metrics = RequestMetrics()  # latency histograms of the requests served here
         self._reader: asyncio.Task | None = None
 
-    def generate(self, prompt: list[int], params: SamplingParams | PoolingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: list[int], params: SamplingParams | PoolingParams, request_id: str,
+                 lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Adds the request now (raising EngineOverloadedError or EngineDeadError at once) and
         returns its outputs; leaving them early (closing, cancellation) aborts the request.
         A caller that never iterates them must abort() the request itself."""
@@ -108,7 +109,7 @@ class AsyncLLMEngine:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         stream = self._streams[request_id] = RequestStream(request_id, prompt)
-        self.core.add.remote(request_id, prompt, params)
+        self.core.add.remote(request_id, prompt, params, lora_request)
         return self._outputs(stream)
 
     async def _outputs(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:

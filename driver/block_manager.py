@@ -172,8 +172,8 @@ class BlockManager:
         bs = self.block_size
         while len(hashes) <= index:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None,
-                                     seq.token_ids[i * bs:(i + 1) * bs]))
+            root = hash(("lora", seq.lora_id)) if seq.lora_id else None
+            hashes.append(hash_block(hashes[-1] if hashes else root, seq.token_ids[i * bs:(i + 1) * bs]))
         return hashes[index]
 
     def _num_prefix_candidates(self, seq: Sequence) -> int:

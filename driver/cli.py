@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 
 from driver.config import engine_fields
@@ -36,6 +37,9 @@ ENGINE_HELP = {
     "preemption_mode": "when KV blocks run out: recompute or swap",
     "async_scheduling": "schedule the next step while the current one runs on the workers "
                         "(hides driver and Ray time; default: on)",
+    "enable_lora": "serve LoRA adapters (PEFT checkpoints) beside the base weights",
+    "max_loras": "most adapters one engine loads (each stays resident)",
+    "max_lora_rank": "largest adapter rank accepted",
     "steps_in_flight": "with async scheduling, steps queued at once; 3 takes the driver's round trip off "
                        "the GPU's path where it is longer than a step",
 }
@@ -71,6 +75,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ignore-eos", action="store_true")
     group.add_argument("--min-tokens", type=int, default=0)
     group.add_argument("--logprobs", type=int, help="also print the top-k logprobs of each token")
+    group.add_argument("--lora", metavar="PATH", help="generate with this LoRA adapter (a PEFT directory; "
+                                                      "needs --enable-lora)")
     group.add_argument("--prompt-logprobs", type=int,
                        help="score the prompt: its log-likelihood and perplexity (and with --json each "
                             "prompt token's logprob and the top-k there)")
@@ -133,12 +139,21 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                        help="Ray Serve's autoscaling_config instead of a fixed --num-replicas, e.g. "
                             "'{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 64}': "
                             "engines are added while each has more requests in flight than the target")
+    group.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", type=_lora_module,
+                       help="LoRA adapters (PEFT directories) served as models named NAME; needs --enable-lora")
     group.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
                        help="chat requests with tools (tool_choice 'auto') get the model's tool calls back as "
                             "tool_calls; needs --tool-call-parser")
     group.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
                        help="the format the model writes tool calls in: hermes (Hermes, Qwen2.5/3), "
                             "llama3_json (Llama 3.1/3.2)")
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def _sampling_params(args):
@@ -180,6 +195,7 @@ def _json_prompt_logprobs(out) -> dict:
 
 def cmd_generate(args) -> int:
     from driver.llm import LLM
+    from driver.lora import LoRARequest
     prompts = list(args.prompts) + list(args.prompt)
     if not prompts:
         print("raytp generate: give at least one prompt (positional or --prompt)", file=sys.stderr)
@@ -187,10 +203,11 @@ def cmd_generate(args) -> int:
     params = _sampling_params(args)
     llm = LLM(config=_engine_config(args))
     try:
+        lora = LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora) if args.lora else None
         if args.chat:
-            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, lora_request=lora)
         else:
-            outs = llm.generate(prompts, params)
+            outs = llm.generate(prompts, params, lora_request=lora)
     finally:
         llm.shutdown()
     for prompt, out in zip(prompts, outs):
@@ -215,6 +232,7 @@ def cmd_serve(args) -> int:
                                          max_num_requests=args.max_num_requests, num_replicas=args.num_replicas,
                                          stream_interval=args.stream_interval, api_key=args.api_key,
                                          autoscaling_config=args.autoscaling_config,
+                                         lora_modules=dict(args.lora_modules) if args.lora_modules else None,
                                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                                          tool_call_parser=args.tool_call_parser)
     engine_config = _engine_config(args)

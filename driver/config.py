@@ -131,6 +131,17 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    enable_lora: bool = False  # serve LoRA adapters (LoRARequest) beside the base weights
+    max_loras: int = 4  # adapters one engine loads; each stays resident once used
+    max_lora_rank: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be >= 1")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """The HTTP server (`raytp serve`): Ray Serve's proxy address and the app's limits."""
 
@@ -153,6 +164,9 @@ class ServeConfig:
     # per replica stay above the target (and the Ray autoscaler adds nodes for their
     # placement groups). None: num_replicas engines, always.
     autoscaling_config: dict | None = field(default=None, hash=False)
+    # LoRA adapters served as models of their own ({name: PEFT directory}, vLLM's --lora-modules);
+    # the engine needs enable_lora and max_loras >= their number.
+    lora_modules: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -205,9 +219,11 @@ class EngineConfig:
     parallel: ParallelConfig
     scheduler: SchedulerConfig
     enforce_eager: bool = False  # GPU: no CUDA graphs
+    lora: LoRAConfig = LoRAConfig()
 
     # Flat keyword -> section, so that LLM(...) and CLI flags can stay flat like vLLM's.
-    _SECTIONS = {"cache": CacheConfig, "parallel": ParallelConfig, "scheduler": SchedulerConfig}
+    _SECTIONS = {"cache": CacheConfig, "parallel": ParallelConfig, "scheduler": SchedulerConfig,
+                 "lora": LoRAConfig}
 
     @classmethod
     def create(cls, model: str, **kwargs) -> "EngineConfig":
@@ -227,7 +243,7 @@ class EngineConfig:
         scheduler = SchedulerConfig(**sections["scheduler"])
         cache = CacheConfig(**sections["cache"])
         model_cfg = _make_model_config(model, parallel.device, **model_kw)
-        config = cls(model_cfg, cache, parallel, scheduler, enforce_eager)
+        config = cls(model_cfg, cache, parallel, scheduler, enforce_eager, LoRAConfig(**sections["lora"]))
         config.validate()
         return config
 
@@ -240,7 +256,7 @@ class EngineConfig:
         for key, value in data.items():
             if key == "serve":  # ServeConfig.from_yaml reads it
                 continue
-            if isinstance(value, dict) and key in ("model", "cache", "parallel", "scheduler", "engine"):
+            if isinstance(value, dict) and key in ("model", "cache", "parallel", "scheduler", "lora", "engine"):
                 flat.update(value)
             else:
                 flat[key] = value
@@ -326,11 +342,11 @@ def engine_fields() -> dict[str, Any]:
     """Every flat option EngineConfig.create accepts, with its default (for the CLI)."""
     out: dict[str, Any] = {"dtype": "auto", "max_model_len": None, "tokenizer": None,
                            "load_format": "auto", "seed": 0, "enforce_eager": False}
-    for cls in (CacheConfig, ParallelConfig, SchedulerConfig):
+    for cls in (CacheConfig, ParallelConfig, SchedulerConfig, LoRAConfig):
         for f in dataclasses.fields(cls):
             out[f.name] = f.default
     return out
 
 
-__all__ = ["ModelArch", "ModelConfig", "CacheConfig", "ParallelConfig", "SchedulerConfig",
+__all__ = ["ModelArch", "ModelConfig", "CacheConfig", "ParallelConfig", "SchedulerConfig", "LoRAConfig",
            "ServeConfig", "EngineConfig", "engine_fields", "SUPPORTED_ARCHITECTURES"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from driver.config import EngineConfig
 from driver.detokenizer import IncrementalDetokenizer, find_stop
+from driver.lora import LoRARequest, check_adapter
 from driver.metrics import EngineMetrics
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.protocol import ModelRunnerOutput
@@ -61,13 +62,16 @@ class LLMEngine:
         s = config.scheduler
         self._max_in_flight = s.steps_in_flight if s.async_scheduling else 1
         self.dead: Exception | None = None
+        self._loras: dict[int, LoRARequest] = {}  # adapters seen, by lora_int_id (at most max_loras)
 
     # ---- requests ----
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | PoolingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Generate (SamplingParams) or embed (PoolingParams: the prompt's last hidden state)."""
+                    request_id: str | None = None, lora_request: LoRARequest | None = None) -> str:
+        """Generate (SamplingParams) or embed (PoolingParams: the prompt's last hidden state),
+        with the base weights or an adapter (lora_request, with enable_lora)."""
         self._check_alive()
+        self._check_lora(lora_request)
         pooling = params if isinstance(params, PoolingParams) else None
         if pooling is not None:  # one forward over the prompt; its one sampled token is dropped
             params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
@@ -86,10 +90,28 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         group = SequenceGroup.create(request_id, text, token_ids, params)
-        group.pooling_params = pooling
+        group.pooling_params, group.lora_request = pooling, lora_request
+        group.seqs[0].lora_id = lora_request.lora_int_id if lora_request else 0
         self.scheduler.add_request(group)  # raises on a prompt longer than max_model_len
         self.groups[request_id] = group
         return request_id
+
+    def _check_lora(self, lora: LoRARequest | None) -> None:
+        if lora is None:
+            return
+        c = self.config.lora
+        if not c.enable_lora:
+            raise ValueError("a LoRA request needs an engine started with enable_lora=True (--enable-lora)")
+        known = self._loras.get(lora.lora_int_id)
+        if known is not None and known.lora_path != lora.lora_path:
+            raise ValueError(f"lora_int_id {lora.lora_int_id} is already {known.lora_path!r}; give "
+                             f"{lora.lora_path!r} its own id")
+        if known is None and len(self._loras) >= c.max_loras:
+            raise ValueError(f"this engine serves at most max_loras={c.max_loras} adapters "
+                             f"({sorted(x.lora_name for x in self._loras.values())}); raise max_loras")
+        if known is None:
+            check_adapter(lora.lora_path, c.max_lora_rank)  # here: a bad adapter fails its own request
+            self._loras[lora.lora_int_id] = lora
 
     def abort_request(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)

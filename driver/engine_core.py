@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from driver.config import EngineConfig
 from driver.engine import EngineDeadError, LLMEngine
+from driver.lora import LoRARequest
 from driver.metrics import RayMetrics
 from driver.outputs import RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
@@ -96,8 +97,9 @@ class EngineCore:
         self._ray_metrics = RayMetrics(name, os.path.basename(os.path.normpath(self.config.model.model)))
         threading.Thread(target=self._loop, name="raytp-engine-loop", daemon=True).start()
 
-    async def add(self, request_id: str, prompt: list[int], params: SamplingParams | PoolingParams) -> None:
-        self._inbox.put(("add", request_id, prompt, params))
+    async def add(self, request_id: str, prompt: list[int], params: SamplingParams | PoolingParams,
+                  lora_request: LoRARequest | None = None) -> None:
+        self._inbox.put(("add", request_id, prompt, params, lora_request))
         self._wake.set()
 
     async def abort(self, request_id: str) -> None:
@@ -189,11 +191,12 @@ class EngineCore:
                 self.engine.abort_request(msg[1])
         self._send(rejected)
 
-    def _start_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Exception | None:
+    def _start_request(self, request_id: str, prompt: list[int], params: SamplingParams | PoolingParams,
+                       lora_request: LoRARequest | None) -> Exception | None:
         try:
             if self.engine.dead is not None:
                 raise EngineDeadError(f"the engine stopped earlier: {self.engine.dead}")
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, lora_request)
         except Exception as e:  # bad input the server did not catch, or a dead engine
             return e
         self._sent[request_id] = {}

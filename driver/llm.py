@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from driver.config import EngineConfig
 from driver.engine import LLMEngine
+from driver.lora import LoRARequest
 from driver.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
 from driver.tokenizer import apply_chat_template
@@ -40,7 +41,8 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams | PoolingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Run a batch to completion; outputs come back in input order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -52,22 +54,25 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params; "
                                  f"pass one SamplingParams or one per prompt")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} LoRA requests")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
+            for prompt, p, lora in zip(prompts, params, loras):
+                ids.append(self.engine.add_request(prompt, p, lora_request=lora))
         except Exception:
             for request_id in ids:  # nothing half-submitted stays behind
                 self.engine.abort_request(request_id)
             raise
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """Each conversation goes through the tokenizer's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [apply_chat_template(self.tokenizer, c) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
               use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:

@@ -55,12 +55,15 @@ def _field(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
     return value
 
 
-def check_model(body: dict, served_model_name: str) -> str:
+def check_model(body: dict, served: str | tuple[str, ...]) -> str:
+    """served: the served model's name, or it and its LoRA adapters' names."""
+    names = (served,) if isinstance(served, str) else served
     model = body.get("model")
+    shown = ", ".join(f"'{n}'" for n in names)
     if not isinstance(model, str) or not model:
-        raise APIError(f"'model' is required: the served model is '{served_model_name}'", param="model")
-    if model != served_model_name:
-        raise APIError(f"The model '{model}' does not exist; this server serves '{served_model_name}'",
+        raise APIError(f"'model' is required: this server serves {shown}", param="model")
+    if model not in names:
+        raise APIError(f"The model '{model}' does not exist; this server serves {shown}",
                        status=404, param="model", code="model_not_found")
     return model
 
@@ -241,7 +244,7 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
 
 
 def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
-                     served_model_name: str) -> ParsedRequest:
+                     served_model_name: str | tuple[str, ...]) -> ParsedRequest:
     model = check_model(body, served_model_name)
     prompts, texts = _completion_prompts(body, tokenizer, vocab_size)
     max_tokens = _field(body, "max_tokens", (int,), 16)  # OpenAI's default for completions
@@ -259,7 +262,7 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
-               served_model_name: str, tool_parser: str | None = None) -> ParsedRequest:
+               served_model_name: str | tuple[str, ...], tool_parser: str | None = None) -> ParsedRequest:
     """tool_parser: the server's --tool-call-parser when --enable-auto-tool-choice is on."""
     model = check_model(body, served_model_name)
     tools, parse_calls = _tools(body, tool_parser)
@@ -286,7 +289,7 @@ class EmbeddingRequest:
 
 
 def parse_embeddings(body: dict, tokenizer, vocab_size: int, max_model_len: int,
-                     served_model_name: str) -> EmbeddingRequest:
+                     served_model_name: str | tuple[str, ...]) -> EmbeddingRequest:
     model = check_model(body, served_model_name)
     inputs, _ = _completion_prompts(body, tokenizer, vocab_size, param="input")
     for ids in inputs:
@@ -303,7 +306,7 @@ def parse_embeddings(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     return EmbeddingRequest(model, inputs, fmt == "base64")
 
 
-def parse_tokenize(body: dict, tokenizer, served_model_name: str) -> list[int]:
+def parse_tokenize(body: dict, tokenizer, served_model_name: str | tuple[str, ...]) -> list[int]:
     """vLLM's /tokenize: a 'prompt' string, or chat 'messages' through the template."""
     check_model(body, served_model_name)
     if "messages" in body:
@@ -314,7 +317,7 @@ def parse_tokenize(body: dict, tokenizer, served_model_name: str) -> list[int]:
     return encode_prompt(tokenizer, prompt)
 
 
-def parse_detokenize(body: dict, vocab_size: int, served_model_name: str) -> list[int]:
+def parse_detokenize(body: dict, vocab_size: int, served_model_name: str | tuple[str, ...]) -> list[int]:
     """vLLM's /detokenize: 'tokens', a list of token ids."""
     check_model(body, served_model_name)
     tokens = body.get("tokens")

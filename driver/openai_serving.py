@@ -22,6 +22,7 @@ from driver.detokenizer import next_stream_delta
 from driver.engine import EngineDeadError
 from driver.openai_protocol import (APIError, ParsedRequest, parse_chat, parse_completion, parse_detokenize,
                                     parse_embeddings, parse_tokenize)
+from driver.lora import LoRARequest
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
 from driver.tokenizer import load_tokenizer
@@ -73,34 +74,40 @@ async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str, stream_interval: int = 1,
-                 tool_parser: str | None = None):
+                 tool_parser: str | None = None, lora_modules: dict[str, str] | None = None):
         self.engine = engine
+        # Each adapter is a model of its own to clients (vLLM's --lora-modules), ids from 1.
+        self.loras = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate((lora_modules or {}).items(),
+                                                                                         start=1)}
         self.stream_interval = stream_interval
         self.tool_parser = tool_parser  # with --enable-auto-tool-choice: --tool-call-parser's name
         # The engine detokenizes in its own process; this one tokenizes prompts, renders chat
         # templates and spells out logprobs' tokens.
         self.tokenizer = load_tokenizer(engine.config.model.tokenizer)
         self.model_name = served_model_name
+        self.names = (served_model_name, *self.loras)  # what clients may send as `model`
         self.created = int(time.time())
 
     def models(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raytp",
                 "max_model_len": self.engine.config.model.max_model_len}
-        return {"object": "list", "data": [card]}
+        adapters = [{**card, "id": name, "root": lora.lora_path, "parent": self.model_name}
+                    for name, lora in self.loras.items()]
+        return {"object": "list", "data": [card, *adapters]}
 
     async def tokenize(self, body: dict) -> dict:
-        ids = parse_tokenize(body, self.tokenizer, self.model_name)
+        ids = parse_tokenize(body, self.tokenizer, self.names)
         return {"count": len(ids), "max_model_len": self.engine.config.model.max_model_len, "tokens": ids}
 
     async def detokenize(self, body: dict) -> dict:
-        ids = parse_detokenize(body, self.engine.config.model.arch.vocab_size, self.model_name)
+        ids = parse_detokenize(body, self.engine.config.model.arch.vocab_size, self.names)
         return {"prompt": self.tokenizer.decode(ids)}
 
     async def embeddings(self, body: dict) -> dict:
         m = self.engine.config.model
-        req = parse_embeddings(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name)
+        req = parse_embeddings(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.names)
         call_id = f"embd-{uuid.uuid4().hex}"
-        finals = await _collect(self._open(req.inputs, PoolingParams(), call_id))
+        finals = await _collect(self._open(req.inputs, PoolingParams(), call_id, self.loras.get(req.model)))
         data = [{"object": "embedding", "index": i, "embedding": _encode(out.embedding, req.base64)}
                 for i, out in enumerate(finals)]
         tokens = sum(len(ids) for ids in req.inputs)
@@ -116,12 +123,12 @@ class OpenAIServing:
     async def _serve(self, body: dict, chat: bool) -> dict | AsyncIterator[str]:
         m = self.engine.config.model
         if chat:
-            req = parse_chat(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name,
+            req = parse_chat(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.names,
                              self.tool_parser)
         else:
-            req = parse_completion(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.model_name)
+            req = parse_completion(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.names)
         call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        gens = self._open(req.prompts, req.params, call_id)
+        gens = self._open(req.prompts, req.params, call_id, self.loras.get(req.model))
         if req.stream:
             return self._stream(req, call_id, gens, chat)
         finals = await _collect(gens)
@@ -133,12 +140,12 @@ class OpenAIServing:
             response["prompt_logprobs"] = self._prompt_logprobs(req, finals[0])
         return response
 
-    def _open(self, prompts: list[list[int]], params: SamplingParams | PoolingParams,
-              call_id: str) -> list[AsyncIterator[RequestOutput]]:
+    def _open(self, prompts: list[list[int]], params: SamplingParams | PoolingParams, call_id: str,
+              lora: LoRARequest | None = None) -> list[AsyncIterator[RequestOutput]]:
         gens = []
         try:
             for i, ids in enumerate(prompts):
-                gens.append(self.engine.generate(ids, params, f"{call_id}-{i}"))
+                gens.append(self.engine.generate(ids, params, f"{call_id}-{i}", lora))
         except Exception as e:  # overloaded or dead: take back the prompts already added
             for i in range(len(gens)):
                 self.engine.abort(f"{call_id}-{i}")

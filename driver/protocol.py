@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from driver.lora import LoRARequest
 from driver.sampling_params import PoolingParams, SamplingParams
 
 
@@ -30,6 +31,7 @@ class NewRequestData:
     seq_index: int = 0  # which of the request's n completions (seeds differ per completion)
     stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) + stop ids: masked before min_tokens
     pooling_params: PoolingParams | None = None  # an embedding request: its last prompt row's hidden state
+    lora_request: LoRARequest | None = None  # the adapter it runs with
 
 
 @dataclass

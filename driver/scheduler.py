@@ -318,7 +318,8 @@ class Scheduler:
             req_id=seq.seq_id, token_ids=list(seq.token_ids),
             num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_table),
             num_computed_tokens=seq.num_computed_tokens, sampling_params=group.sampling_params,
-            seq_index=seq.seq_index, stop_token_ids=group.stop_token_ids, pooling_params=group.pooling_params)
+            seq_index=seq.seq_index, stop_token_ids=group.stop_token_ids, pooling_params=group.pooling_params,
+            lora_request=group.lora_request)
 
     def _build_output(self, out: SchedulerOutput, scheduled: list,
                       resend: set) -> list[tuple[Sequence, int, bool]]:

@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from driver.lora import LoRARequest
 from driver.sampling_params import PoolingParams, SamplingParams
 
 
@@ -42,6 +43,7 @@ class Sequence:
     # False when its request asks for prompt logprobs: a prefix-cache hit would skip the
     # forward of the prompt tokens whose logprobs it wants (its blocks still enter the cache).
     reads_prefix_cache: bool = True
+    lora_id: int = 0  # its adapter (0: none): K/V under one adapter are no prefix of another's
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +99,7 @@ class SequenceGroup:
     # prefill chunks compute them (the first stays None: nothing comes before it).
     prompt_logprobs: list[dict[int, float] | None] | None = None
     pooling_params: PoolingParams | None = None  # an embedding request (then n = 1, max_tokens = 1)
+    lora_request: LoRARequest | None = None
     embedding: list[float] | None = None
 
     @staticmethod
@@ -138,7 +141,7 @@ class SequenceGroup:
         children = [Sequence(seq_id=f"{self.request_id}-{i}", seq_index=i,
                              token_ids=list(parent.token_ids), num_prompt_tokens=parent.num_prompt_tokens,
                              status=parent.status, num_computed_tokens=parent.num_computed_tokens,
-                             num_cached_tokens=parent.num_cached_tokens)
+                             num_cached_tokens=parent.num_cached_tokens, lora_id=parent.lora_id)
                     for i in range(1, self.sampling_params.n)]
         self.seqs.extend(children)
         self.forked = True

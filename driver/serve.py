@@ -67,7 +67,8 @@ class OpenAIServer:
         self.engine = AsyncLLMEngine(engine_config, serve_config.max_num_requests)
         name = serve_config.served_model_name or served_name(engine_config)
         tool_parser = serve_config.tool_call_parser if serve_config.enable_auto_tool_choice else None
-        self.api = OpenAIServing(self.engine, name, serve_config.stream_interval, tool_parser)
+        self.api = OpenAIServing(self.engine, name, serve_config.stream_interval, tool_parser,
+                                 serve_config.lora_modules)
         self.api_key = serve_config.api_key
         logger.info("serving %r (tp=%d, %s) as %r", engine_config.model.model,
                     engine_config.parallel.tensor_parallel_size, engine_config.parallel.device, name)
@@ -139,9 +140,23 @@ class OpenAIServer:
             engine.shutdown()
 
 
+def check_lora_modules(engine_config: EngineConfig, serve_config: ServeConfig) -> None:
+    """Adapters the engine cannot serve fail the deployment, not each request later."""
+    from driver.lora import check_adapter
+
+    modules, lora = serve_config.lora_modules or {}, engine_config.lora
+    if modules and not lora.enable_lora:
+        raise ValueError("--lora-modules needs an engine with LoRA on: add --enable-lora")
+    if len(modules) > lora.max_loras:
+        raise ValueError(f"{len(modules)} LoRA modules but max_loras={lora.max_loras}; raise --max-loras")
+    for path in modules.values():
+        check_adapter(path, lora.max_lora_rank)
+
+
 def build_app(engine_config: EngineConfig, serve_config: ServeConfig):
     """The bound app for serve.run(): Serve queues no more than the engine accepts, so a
     request over the limit gets the engine's quick 503 rather than waiting in a queue."""
+    check_lora_modules(engine_config, serve_config)
     replicas = ({"autoscaling_config": dict(serve_config.autoscaling_config)} if serve_config.autoscaling_config
                 else {"num_replicas": serve_config.num_replicas})
     return OpenAIServer.options(

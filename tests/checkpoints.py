@@ -153,4 +153,38 @@ def make_scripted_checkpoint(dir: str, script: list[str], chat_template: str = T
     return dir
 
 
-__all__ = ["make_checkpoint", "make_scripted_checkpoint", "fresh_tokenizer", "STYLES", "TOOLS_CHAT_TEMPLATE"]
+def make_lora_adapter(dir: str, base: str, targets: list[str], r: int = 8, alpha: int = 16,
+                      seed: int = 0) -> tuple[str, str]:
+    """A random PEFT LoRA adapter of checkpoint `base` in dir/adapter, and the base with the
+    adapter merged into its weights (W + alpha / r * B A) in dir/merged: the reference that
+    transformers runs. Returns (adapter dir, merged checkpoint dir)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter, merged = os.path.join(dir, "adapter"), os.path.join(dir, "merged")
+    shutil.copytree(base, merged)
+    os.makedirs(adapter, exist_ok=True)
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name in sorted(weights):
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] not in targets:
+            continue
+        out_dim, in_dim = weights[name].shape
+        a, b = torch.randn(r, in_dim, generator=g) * 0.1, torch.randn(out_dim, r, generator=g) * 0.1
+        lora[f"base_model.model.{module}.lora_A.weight"] = a
+        lora[f"base_model.model.{module}.lora_B.weight"] = b
+        weights[name] = weights[name] + alpha / r * b @ a
+    save_file(lora, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
+                   "base_model_name_or_path": base, "task_type": "CAUSAL_LM"}, f)
+    save_file(weights, os.path.join(merged, "model.safetensors"), metadata={"format": "pt"})
+    return adapter, merged
+
+
+__all__ = ["make_checkpoint", "make_scripted_checkpoint", "make_lora_adapter", "fresh_tokenizer", "STYLES", "TOOLS_CHAT_TEMPLATE"]

@@ -64,6 +64,7 @@ class ColumnParallelLinear(nn.Module):
         self.output_size_per_partition = output_size // tp
         self.weight = _param(self.output_size_per_partition, input_size, dtype=params_dtype)
         self.bias = _param(self.output_size_per_partition, dtype=params_dtype) if bias else None
+        self.lora = None  # workers/lora.py's LoRALayer, with enable_lora
         _set_loader(self, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
@@ -71,7 +72,8 @@ class ColumnParallelLinear(nn.Module):
         _copy(param.data, loaded[r * n:(r + 1) * n])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [T, output_size_per_partition]
+        out = F.linear(x, self.weight, self.bias)  # [T, output_size_per_partition]
+        return out if self.lora is None else self.lora.apply(x, out)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -138,6 +140,7 @@ class RowParallelLinear(nn.Module):
         self.add_bias = tp_rank() == 0  # the replicated bias enters the sum once
         self.weight = _param(output_size, self.input_size_per_partition, dtype=params_dtype)
         self.bias = _param(output_size, dtype=params_dtype) if bias else None
+        self.lora = None  # workers/lora.py's LoRALayer, with enable_lora
         _set_loader(self, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
@@ -148,6 +151,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias if self.add_bias else None)  # [T, output_size], partial
+        if self.lora is not None:  # (its partial sums join this layer's)
+            out = self.lora.apply(x, out)
         return all_reduce(out) if self.reduce_results else out
 
 

@@ -132,10 +132,12 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary_emb, dtype)
                                     for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.lora_batch = None  # workers/lora.py's LoRABatch, with enable_lora
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, H]
-        if _fuse_decode(hidden, kv_caches, meta):
+        lora_rows = self.lora_batch is not None and bool(self.lora_batch.groups)
+        if not lora_rows and _fuse_decode(hidden, kv_caches, meta):  # (fused layers know no adapters)
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden = layer.forward_fused(positions, hidden, kv_cache, meta)  # the residual stream
             return self.norm(hidden)

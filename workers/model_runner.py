@@ -28,6 +28,7 @@ from workers.attention import AttentionMetadata
 from workers.cuda_graphs import DecodeGraphs
 from workers.input_batch import (PLACEHOLDER, BlockTables, chunk_rows, decode_rows, merge_rows,
                                  num_leading_decodes)
+from workers.lora import LoRAManager
 from workers.prompt_logprobs import (PromptLogprobs, PromptLogprobsPlan, compute_prompt_logprobs,
                                      plan_prompt_logprobs, prompt_logprobs_to_host, wants_prompt_logprobs)
 from workers.staging import StagingBuffer
@@ -48,6 +49,7 @@ class CachedRequestState:
     row: int = -1  # its row in the runner's BlockTables
     sampling_row: SamplingRow | None = None  # rank 0's view for the sampler; shares token_ids
     pooling_params: PoolingParams | None = None  # an embedding request
+    lora_id: int = 0  # its adapter's lora_int_id (0: the base weights)
 
 
 @dataclass
@@ -90,8 +92,10 @@ def _fill_placeholders(input_ids: torch.Tensor, rows: torch.Tensor, src: torch.T
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list, block_size: int,
-                 device: torch.device, rank: int, seed: int = 0, max_model_len: int | None = None):
+                 device: torch.device, rank: int, seed: int = 0, max_model_len: int | None = None,
+                 lora: LoRAManager | None = None):
         self.model = model
+        self.lora = lora  # with enable_lora
         # On GPU, decode attention is told max_model_len as its context bound in eager steps
         # too: the kernel then splits contexts exactly as inside the CUDA graphs, so eager and
         # graph steps compute bit-identical results.
@@ -136,6 +140,9 @@ class ModelRunner:
             if new.pooling_params is not None:
                 state.pooling_params = new.pooling_params
                 self._pooling_ids.add(new.req_id)
+            if new.lora_request is not None:
+                self.lora.ensure_loaded(new.lora_request)  # (the engine refuses adapters without enable_lora)
+                state.lora_id = new.lora_request.lora_int_id
         for delta in so.cached_reqs:
             state = self.requests[delta.req_id]
             if delta.new_block_ids:
@@ -151,7 +158,9 @@ class ModelRunner:
         num_decodes = num_leading_decodes(num_scheduled)
         prompt_plan = self._plan_prompt_logprobs(so, states)
         pooling = bool(self._pooling_ids) and not self._pooling_ids.isdisjoint(so.req_ids)
-        if num_decodes == len(states) and self.graphs is not None and prompt_plan is None and not pooling:
+        lora_rows = self.lora is not None and self._set_lora_rows(states, num_scheduled)
+        if (num_decodes == len(states) and self.graphs is not None and prompt_plan is None and not pooling
+                and not lora_rows):
             bucket = self.graphs.bucket(num_decodes)
             if bucket is not None:
                 return self._prepare_graph_step(states, table_rows, bucket, prev)
@@ -186,6 +195,18 @@ class ModelRunner:
                                  max_context_len=self.context_bound or int(r.context_lens.max()), prefill=plan)
         return StepInputs(ids, pos, meta, rows, r.sample_ids, len(r.sample_rows) == len(r.input_ids),
                           prompt_plan=prompt_plan, pooling=pooling)
+
+    def _set_lora_rows(self, states: list[CachedRequestState], num_scheduled: list[int]) -> bool:
+        """Tell the LoRA layers which rows (tokens) each adapter of this step applies to."""
+        rows: dict[int, list[np.ndarray]] = {}
+        start = 0
+        for s, n in zip(states, num_scheduled):
+            if s.lora_id:
+                rows.setdefault(s.lora_id, []).append(np.arange(start, start + n))
+            start += n
+        self.lora.set_rows([(torch.from_numpy(np.concatenate(r)).to(self.device), lora_id)
+                            for lora_id, r in rows.items()])
+        return bool(rows)
 
     def _plan_prompt_logprobs(self, so: SchedulerOutput, states: list[CachedRequestState]
                               ) -> PromptLogprobsPlan | None:

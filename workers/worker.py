@@ -19,6 +19,7 @@ from driver.protocol import ModelRunnerOutput, SchedulerOutput
 from cache_engine.cache_engine import CacheEngine, num_blocks_for_bytes
 from workers import parallel_state
 from workers.loader import dummy_weights, load_weights
+from workers.lora import LoRAManager
 from workers.model import LlamaForCausalLM
 from workers.model_runner import ModelRunner
 
@@ -101,9 +102,10 @@ class Worker:
         cfg = self.config
         self.cache_engine = CacheEngine(cfg.model.arch, cfg.parallel.tensor_parallel_size, cfg.cache.block_size,
                                         num_gpu_blocks, num_cpu_blocks, self.dtype, self.device)
+        lora = LoRAManager(self.model, cfg.lora.max_loras, cfg.lora.max_lora_rank) if cfg.lora.enable_lora else None
         self.runner = ModelRunner(self.model, self.cache_engine.gpu_cache, cfg.cache.block_size,
                                   self.device, self.rank, seed=cfg.model.seed,
-                                  max_model_len=cfg.model.max_model_len)
+                                  max_model_len=cfg.model.max_model_len, lora=lora)
         logger.info("rank %d: KV cache of %d device blocks, %d host blocks", self.rank,
                     num_gpu_blocks, num_cpu_blocks)
         if self.device.type == "cuda" and not cfg.enforce_eager:

@@ -15,8 +15,9 @@ pytestmark = [pytest.mark.gpu,
 ray = pytest.importorskip("ray")
 
 from driver import LLM, PoolingParams, SamplingParams  # noqa: E402
+from driver.lora import LoRARequest  # noqa: E402
 from driver.demo import INIT_STD  # noqa: E402
-from tests.checkpoints import make_checkpoint  # noqa: E402
+from tests.checkpoints import make_checkpoint, make_lora_adapter  # noqa: E402
 from tests.hf_reference import hf_embedding, hf_greedy, hf_model, hf_prompt_logprobs  # noqa: E402
 
 # style -> (hidden, heads, kv heads): head dims 64 / 64 / 128, GQA 2 / 4 / 1.
@@ -121,6 +122,29 @@ def _embed_beside_decodes(engine, running: list[int], one_token: list[int]) -> l
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert len(done["running"].outputs[0].token_ids) == 12
     return done["embed"].embedding
+
+
+@pytest.mark.parametrize("tp", _tp_sizes())
+def test_lora_equals_merged_weights(ckpts, tp, tmp_path):
+    """An adapter on every linear: float32 greedy tokens equal transformers' on the merged
+    weights; its decode steps (all 1-token rows) run eagerly, not as base-weight CUDA graphs."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter, merged = make_lora_adapter(str(tmp_path), ckpts["mistral"], targets, r=8, alpha=16)
+    lora = LoRARequest("every", 1, adapter)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    for dtype in ("float32", "bfloat16"):
+        with _engine(ckpts["mistral"], tp, dtype, enable_lora=True) as llm:
+            prompts = _prompts(llm.config.model.arch.vocab_size)[:3]
+            outs = llm.generate(prompts, greedy, use_tqdm=False, lora_request=[None, lora, lora])
+            alone = llm.generate(prompts[1], greedy, use_tqdm=False, lora_request=lora)[0]  # batch-1 decodes
+        if dtype == "bfloat16":  # close to the float32 truth, as test_bfloat16_logprobs_close_to_transformers
+            c = outs[2].outputs[0]
+            ours = torch.tensor([lp[t] for lp, t in zip(c.logprobs, c.token_ids)])
+            assert (ours - torch.tensor(_hf_logprobs_of(merged, prompts[2], c.token_ids))).abs().max() <= 0.3
+            continue
+        for prompt, out, ckpt in zip(prompts, outs, [ckpts["mistral"], merged, merged]):
+            assert out.outputs[0].token_ids == hf_greedy(ckpt, prompt, NEW_TOKENS)[0]
+        assert alone.outputs[0].token_ids == outs[1].outputs[0].token_ids
 
 
 @torch.inference_mode()
