@@ -95,7 +95,7 @@ class AsyncLLMEngine:
         self._reader: asyncio.Task | None = None
 
     def generate(self, prompt: list[int], params: SamplingParams | PoolingParams, request_id: str,
-                 lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                 lora_request: LoRARequest | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Adds the request now (raising EngineOverloadedError or EngineDeadError at once) and
         returns its outputs; leaving them early (closing, cancellation) aborts the request.
         A caller that never iterates them must abort() the request itself."""
@@ -109,7 +109,7 @@ class AsyncLLMEngine:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         stream = self._streams[request_id] = RequestStream(request_id, prompt)
-        self.core.add.remote(request_id, prompt, params, lora_request)
+        self.core.add.remote(request_id, prompt, params, lora_request, priority)
         return self._outputs(stream)
 
     async def _outputs(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:

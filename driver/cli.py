@@ -37,6 +37,7 @@ ENGINE_HELP = {
     "preemption_mode": "when KV blocks run out: recompute or swap",
     "async_scheduling": "schedule the next step while the current one runs on the workers "
                         "(hides driver and Ray time; default: on)",
+    "scheduling_policy": "fcfs (arrival order) or priority (each request's priority, lower first, then arrival)",
     "enable_lora": "serve LoRA adapters (PEFT checkpoints) beside the base weights",
     "max_loras": "most adapters one engine loads (each stays resident)",
     "max_lora_rank": "largest adapter rank accepted",

@@ -128,6 +128,9 @@ class SchedulerConfig:
     # With async_scheduling, steps queued at once: at 3 a worker finds step N+2 waiting when it
     # has queued step N+1, so the driver's round trip is off the GPU's path, not only hidden.
     steps_in_flight: int = 2
+    # fcfs: requests in arrival order; priority: by each request's priority (lower first), then
+    # arrival, both for admission and for who is preempted last (vLLM v1's policy).
+    scheduling_policy: str = "fcfs"
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,8 @@ class EngineConfig:
         s = self.scheduler
         if s.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {s.preemption_mode!r}")
+        if s.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {s.scheduling_policy!r}")
         if s.max_num_seqs < 1 or s.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if s.steps_in_flight < 1:

@@ -67,9 +67,11 @@ class LLMEngine:
     # ---- requests ----
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | PoolingParams | None = None,
-                    request_id: str | None = None, lora_request: LoRARequest | None = None) -> str:
+                    request_id: str | None = None, lora_request: LoRARequest | None = None,
+                    priority: int = 0) -> str:
         """Generate (SamplingParams) or embed (PoolingParams: the prompt's last hidden state),
-        with the base weights or an adapter (lora_request, with enable_lora)."""
+        with the base weights or an adapter (lora_request, with enable_lora); priority (lower
+        first) with scheduling_policy "priority"."""
         self._check_alive()
         self._check_lora(lora_request)
         pooling = params if isinstance(params, PoolingParams) else None
@@ -90,7 +92,7 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         group = SequenceGroup.create(request_id, text, token_ids, params)
-        group.pooling_params, group.lora_request = pooling, lora_request
+        group.pooling_params, group.lora_request, group.priority = pooling, lora_request, int(priority)
         group.seqs[0].lora_id = lora_request.lora_int_id if lora_request else 0
         self.scheduler.add_request(group)  # raises on a prompt longer than max_model_len
         self.groups[request_id] = group

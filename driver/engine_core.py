@@ -98,8 +98,8 @@ class EngineCore:
         threading.Thread(target=self._loop, name="raytp-engine-loop", daemon=True).start()
 
     async def add(self, request_id: str, prompt: list[int], params: SamplingParams | PoolingParams,
-                  lora_request: LoRARequest | None = None) -> None:
-        self._inbox.put(("add", request_id, prompt, params, lora_request))
+                  lora_request: LoRARequest | None = None, priority: int = 0) -> None:
+        self._inbox.put(("add", request_id, prompt, params, lora_request, priority))
         self._wake.set()
 
     async def abort(self, request_id: str) -> None:
@@ -192,11 +192,11 @@ class EngineCore:
         self._send(rejected)
 
     def _start_request(self, request_id: str, prompt: list[int], params: SamplingParams | PoolingParams,
-                       lora_request: LoRARequest | None) -> Exception | None:
+                       lora_request: LoRARequest | None, priority: int) -> Exception | None:
         try:
             if self.engine.dead is not None:
                 raise EngineDeadError(f"the engine stopped earlier: {self.engine.dead}")
-            self.engine.add_request(prompt, params, request_id, lora_request)
+            self.engine.add_request(prompt, params, request_id, lora_request, priority)
         except Exception as e:  # bad input the server did not catch, or a dead engine
             return e
         self._sent[request_id] = {}

@@ -42,8 +42,10 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams | PoolingParams] | None = None,
                  use_tqdm: bool = True,
-                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
-        """Run a batch to completion; outputs come back in input order."""
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run a batch to completion; outputs come back in input order. priority: one per
+        prompt (lower first), with scheduling_policy="priority"."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -55,12 +57,14 @@ class LLM:
                 raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params; "
                                  f"pass one SamplingParams or one per prompt")
         loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
-        if len(loras) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} LoRA requests")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if not len(loras) == len(priorities) == len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts, {len(loras)} LoRA requests and {len(priorities)} "
+                             f"priorities; give one per prompt")
         ids = []
         try:
-            for prompt, p, lora in zip(prompts, params, loras):
-                ids.append(self.engine.add_request(prompt, p, lora_request=lora))
+            for prompt, p, lora, prio in zip(prompts, params, loras, priorities):
+                ids.append(self.engine.add_request(prompt, p, lora_request=lora, priority=prio))
         except Exception:
             for request_id in ids:  # nothing half-submitted stays behind
                 self.engine.abort_request(request_id)

@@ -42,6 +42,7 @@ class ParsedRequest:
     logprobs: bool = False  # chat: return logprobs (params.logprobs is the top-k count)
     prompt_logprobs: int | None = None  # vLLM's extension: return them, with this top-k
     tool_parser: str | None = None  # chat with tools, tool_choice "auto": parse calls out of the reply
+    priority: int = 0  # vLLM's extension, with --scheduling-policy priority: lower first
 
 
 def _field(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
@@ -258,7 +259,7 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     wanted = [k for k in (prompt_k, logprobs if echo else None) if k is not None]
     params = _sampling_params(body, max_tokens, logprobs, vocab_size, max(wanted) if wanted else None)
     return ParsedRequest(model, prompts, texts, params, stream, usage, echo=echo, logprobs=logprobs is not None,
-                         prompt_logprobs=prompt_k)
+                         prompt_logprobs=prompt_k, priority=_field(body, "priority", (int,), 0))
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
@@ -278,7 +279,8 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     prompt_k = _prompt_logprobs(body, stream)
     params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, vocab_size, prompt_k)
     return ParsedRequest(model, [ids], [None], params, stream, usage, logprobs=want_logprobs,
-                         prompt_logprobs=prompt_k, tool_parser=tool_parser if parse_calls else None)
+                         prompt_logprobs=prompt_k, tool_parser=tool_parser if parse_calls else None,
+                         priority=_field(body, "priority", (int,), 0))
 
 
 @dataclass

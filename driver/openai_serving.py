@@ -128,7 +128,7 @@ class OpenAIServing:
         else:
             req = parse_completion(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.names)
         call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        gens = self._open(req.prompts, req.params, call_id, self.loras.get(req.model))
+        gens = self._open(req.prompts, req.params, call_id, self.loras.get(req.model), req.priority)
         if req.stream:
             return self._stream(req, call_id, gens, chat)
         finals = await _collect(gens)
@@ -141,11 +141,14 @@ class OpenAIServing:
         return response
 
     def _open(self, prompts: list[list[int]], params: SamplingParams | PoolingParams, call_id: str,
-              lora: LoRARequest | None = None) -> list[AsyncIterator[RequestOutput]]:
+              lora: LoRARequest | None = None, priority: int = 0) -> list[AsyncIterator[RequestOutput]]:
+        if priority and self.engine.config.scheduler.scheduling_policy != "priority":
+            raise APIError("'priority' needs the server started with --scheduling-policy priority",
+                           param="priority")
         gens = []
         try:
             for i, ids in enumerate(prompts):
-                gens.append(self.engine.generate(ids, params, f"{call_id}-{i}", lora))
+                gens.append(self.engine.generate(ids, params, f"{call_id}-{i}", lora, priority))
         except Exception as e:  # overloaded or dead: take back the prompts already added
             for i in range(len(gens)):
                 self.engine.abort(f"{call_id}-{i}")

@@ -1,7 +1,9 @@
 """Continuous batching under a token budget (vLLM v1 style), one step at a time.
 
 The unit of scheduling is a Sequence; its group (request) gives the sampling params,
-the arrival order and the n > 1 fork. Queues, each kept sorted by (arrival, seq_index):
+the arrival order, the priority and the n > 1 fork. Queues, each kept sorted by
+(priority, arrival, seq_index), where priority (lower first, vLLM's) is 0 unless
+scheduling_policy is "priority":
   running  - has GPU blocks (or is about to get them); may be skipped for budget
   swapped  - its blocks are on the CPU
   waiting  - holds no blocks (never admitted, or preempted by recompute)
@@ -59,7 +61,7 @@ class Scheduler:
         self.swapped: list[Sequence] = []
         self._groups: dict[str, SequenceGroup] = {}  # unfinished requests
         self._group_of: dict[str, SequenceGroup] = {}  # live seq id -> its group
-        self._keys: dict[str, tuple[int, int]] = {}  # live seq id -> (arrival, seq_index)
+        self._keys: dict[str, tuple[int, int, int]] = {}  # live seq id -> (priority, arrival, seq_index)
         self._unforked: set[str] = set()  # live parents of n > 1 groups not forked yet
         self._next_arrival = 0
         # Ids the workers know that they must forget; drained into the next SchedulerOutput.
@@ -85,6 +87,9 @@ class Scheduler:
             raise ValueError(f"n={p.n} is more than max_num_seqs={self.config.max_num_seqs}")
         if group.request_id in self._groups:
             raise ValueError(f"request id {group.request_id!r} is already running")
+        if group.priority and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority {group.priority} needs scheduling_policy='priority' "
+                             f"(--scheduling-policy priority)")
         # The most K/V positions one sequence stores: every token but the last sampled one.
         final = min(self.max_model_len, n_prompt + (p.max_tokens or self.max_model_len))
         need = -(-max(n_prompt, final - 1) // self.block_size)
@@ -125,9 +130,9 @@ class Scheduler:
 
     def _track(self, seq: Sequence, group: SequenceGroup, arrival: int) -> None:
         self._group_of[seq.seq_id] = group
-        self._keys[seq.seq_id] = (arrival, seq.seq_index)
+        self._keys[seq.seq_id] = (group.priority, arrival, seq.seq_index)
 
-    def _key(self, seq: Sequence) -> tuple[int, int]:
+    def _key(self, seq: Sequence) -> tuple[int, int, int]:
         return self._keys[seq.seq_id]
 
     def _queue(self, status: SequenceStatus) -> list[Sequence]:
@@ -199,8 +204,9 @@ class Scheduler:
                 continue
             copies = append_slots(seq, num_new)
             while copies is None:
-                # Out of blocks: the latest arrival gives its blocks up (possibly seq
-                # itself). Victims sort after seq, so none was scheduled this step.
+                # Out of blocks: the last in order (the latest arrival; with priorities, of
+                # the lowest priority) gives its blocks up, possibly seq itself. Victims sort
+                # after seq, so none was scheduled this step.
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -300,7 +306,7 @@ class Scheduler:
         group = self._group_of.get(parent.seq_id)
         if group is None or group.forked or parent.num_computed_tokens < group.prefill_target:
             return
-        arrival = self._keys[parent.seq_id][0]
+        arrival = self._keys[parent.seq_id][1]
         self._unforked.discard(parent.seq_id)
         for child in group.fork():
             self.block_manager.fork(parent, child)

@@ -100,6 +100,7 @@ class SequenceGroup:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     pooling_params: PoolingParams | None = None  # an embedding request (then n = 1, max_tokens = 1)
     lora_request: LoRARequest | None = None
+    priority: int = 0  # with scheduling_policy "priority": lower is scheduled first
     embedding: list[float] | None = None
 
     @staticmethod

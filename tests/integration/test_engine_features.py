@@ -133,3 +133,18 @@ def test_async_scheduling_gives_the_same_outputs_as_sync(llm, llama_ckpt, other)
                 for x, y in zip(a.logprobs, b.logprobs):
                     assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
     assert got[4].outputs[0].finish_reason == "stop"
+
+
+def test_priority_policy_orders_the_requests(llama_ckpt):
+    """One sequence at a time: requests finish in priority order, not arrival order."""
+    with LLM(model=llama_ckpt, device="cpu", dtype="float32", max_model_len=256, max_num_seqs=1,
+             scheduling_policy="priority") as llm:
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        for rid, priority in (("late-low", 2), ("high", 0), ("mid", 1)):
+            llm.engine.add_request(PROMPT, params, request_id=rid, priority=priority)
+        done = []
+        while llm.engine.has_unfinished_work():
+            done += [o.request_id for o in llm.engine.step() if o.finished]
+        assert done == ["high", "mid", "late-low"]
+        outs = llm.generate([PROMPT, PROMPT], params, use_tqdm=False, priority=[1, 0])
+        assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
