@@ -119,12 +119,13 @@ def match_stop(text: str, stop: Sequence[str], new_text_len: int) -> tuple[int, 
     return best
 
 
-def find_stop(text: str, stop: Sequence[str], new_text_len: int) -> tuple[str, bool]:
-    """(text truncated before the first stop string, whether one was found)."""
+def find_stop(text: str, stop: Sequence[str], new_text_len: int, include: bool = False) -> tuple[str, bool]:
+    """(text truncated before the first stop string, or after it with include, whether one
+    was found)."""
     hit = match_stop(text, stop, new_text_len)
     if hit is None:
         return text, False
-    return text[:hit[0]], True
+    return text[:hit[0] + (len(hit[1]) if include else 0)], True
 
 
 def stop_buffer_length(stop: Sequence[str]) -> int:

@@ -87,6 +87,8 @@ class LLMEngine:
             raise ValueError("the prompt is empty; give at least one token")
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.truncate_prompt_tokens is not None and len(token_ids) > params.truncate_prompt_tokens:
+            text, token_ids = None, token_ids[-params.truncate_prompt_tokens:]  # its last tokens, as vLLM
         check_token_ids_in_vocab(params, vocab)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
@@ -206,7 +208,7 @@ class LLMEngine:
         state.num_detokenized += len(new_ids)
         state.text += delta
         if params.stop and delta:
-            state.text, stopped = find_stop(state.text, params.stop, len(delta))
+            state.text, stopped = find_stop(state.text, params.stop, len(delta), params.include_stop_str_in_output)
             if stopped:
                 self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED)
         return state.text

@@ -43,6 +43,7 @@ class ParsedRequest:
     prompt_logprobs: int | None = None  # vLLM's extension: return them, with this top-k
     tool_parser: str | None = None  # chat with tools, tool_choice "auto": parse calls out of the reply
     priority: int = 0  # vLLM's extension, with --scheduling-policy priority: lower first
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
 
 
 def _field(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
@@ -218,6 +219,7 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, v
             min_tokens=_field(body, "min_tokens", (int,), 0),
             skip_special_tokens=_field(body, "skip_special_tokens", (bool,), True),
             logit_bias=_field(body, "logit_bias", (dict,)),
+            include_stop_str_in_output=_field(body, "include_stop_str_in_output", (bool,), False),
             allowed_token_ids=_field(body, "allowed_token_ids", (list,)))
         check_token_ids_in_vocab(params, vocab_size)
         return params
@@ -238,28 +240,44 @@ def _chat_ids(body: dict, tokenizer, tools: list[dict] | None = None) -> list[in
         raise APIError(f"the chat template rejected the messages: {e}", param="messages") from e
 
 
-def _stream_options(body: dict) -> tuple[bool, bool]:
+def _stream_options(body: dict) -> tuple[bool, bool, bool]:
+    """stream; include_usage (a last chunk with the usage); vLLM's continuous_usage_stats (every
+    chunk carries the usage so far)."""
     stream = _field(body, "stream", (bool,), False)
     opts = _field(body, "stream_options", (dict,), {})
-    return stream, bool(opts.get("include_usage", False)) and stream
+    return (stream, bool(opts.get("include_usage", False)) and stream,
+            bool(opts.get("continuous_usage_stats", False)) and stream)
+
+
+def _truncate(body: dict, prompts: list[list[int]], texts: list[str | None]) -> None:
+    """vLLM's truncate_prompt_tokens, in place: a longer prompt keeps its last k tokens (and
+    echoes as their text)."""
+    k = _field(body, "truncate_prompt_tokens", (int,), None, "an integer >= 1")
+    if k is not None and k < 1:
+        raise APIError(f"'truncate_prompt_tokens' must be >= 1, got {k}", param="truncate_prompt_tokens")
+    for i, ids in enumerate(prompts):
+        if k is not None and len(ids) > k:
+            prompts[i], texts[i] = ids[-k:], None
 
 
 def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
                      served_model_name: str | tuple[str, ...]) -> ParsedRequest:
     model = check_model(body, served_model_name)
     prompts, texts = _completion_prompts(body, tokenizer, vocab_size)
+    _truncate(body, prompts, texts)
     max_tokens = _field(body, "max_tokens", (int,), 16)  # OpenAI's default for completions
     for ids in prompts:
         check_length(len(ids), max_tokens, max_model_len, "max_tokens")
     logprobs = _field(body, "logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
     echo = _field(body, "echo", (bool,), False)
-    stream, usage = _stream_options(body)
+    stream, usage, continuous = _stream_options(body)
     prompt_k = _prompt_logprobs(body, stream)
     # echo with logprobs scores the echoed prompt too (the legacy API's way, as lm-eval uses it).
     wanted = [k for k in (prompt_k, logprobs if echo else None) if k is not None]
     params = _sampling_params(body, max_tokens, logprobs, vocab_size, max(wanted) if wanted else None)
     return ParsedRequest(model, prompts, texts, params, stream, usage, echo=echo, logprobs=logprobs is not None,
-                         prompt_logprobs=prompt_k, priority=_field(body, "priority", (int,), 0))
+                         prompt_logprobs=prompt_k, priority=_field(body, "priority", (int,), 0),
+                         continuous_usage=continuous)
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
@@ -267,7 +285,9 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     """tool_parser: the server's --tool-call-parser when --enable-auto-tool-choice is on."""
     model = check_model(body, served_model_name)
     tools, parse_calls = _tools(body, tool_parser)
-    ids = _check_ids(_chat_ids(body, tokenizer, tools), vocab_size)
+    prompts, texts = [_check_ids(_chat_ids(body, tokenizer, tools), vocab_size)], [None]
+    _truncate(body, prompts, texts)
+    ids = prompts[0]
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _field(body, param, (int,), None)  # None: up to the context limit
     check_length(len(ids), max_tokens, max_model_len, param)
@@ -275,12 +295,12 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     top = _field(body, "top_logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
     if top is not None and not want_logprobs:
         raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    stream, usage = _stream_options(body)
+    stream, usage, continuous = _stream_options(body)
     prompt_k = _prompt_logprobs(body, stream)
     params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, vocab_size, prompt_k)
     return ParsedRequest(model, [ids], [None], params, stream, usage, logprobs=want_logprobs,
                          prompt_logprobs=prompt_k, tool_parser=tool_parser if parse_calls else None,
-                         priority=_field(body, "priority", (int,), 0))
+                         priority=_field(body, "priority", (int,), 0), continuous_usage=continuous)
 
 
 @dataclass

@@ -167,7 +167,8 @@ class OpenAIServing:
                     for c in out.outputs:
                         chunk = self._delta(req, i, out, c, chat, sent)
                         if chunk is not None:
-                            yield _sse({**head, "choices": [chunk]})
+                            usage = {"usage": self._usage(req, finals)} if req.continuous_usage else {}
+                            yield _sse({**head, "choices": [chunk], **usage})
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": self._usage(req, finals)})
         except (EngineDeadError, ValueError, RuntimeError) as e:  # mid-stream: an error event

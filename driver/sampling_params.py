@@ -26,6 +26,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = field(default=None, hash=False)
     allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (vLLM's extension)
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     detokenize: bool = True  # False: token ids only (benchmarks); stop strings need text
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -66,6 +68,8 @@ class SamplingParams:
                                                                 and 0 <= self.prompt_logprobs <= 20),
              "must be in [0, 20]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
+                isinstance(self.truncate_prompt_tokens, int) and self.truncate_prompt_tokens >= 1), "must be >= 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative token ids"),

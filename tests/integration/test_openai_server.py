@@ -191,6 +191,29 @@ def test_stop_string_ends_the_text(client):
 
 
 
+def test_vllm_extras_stop_strings_truncation_and_usage(client):
+    kw = dict(model=MODEL, prompt="abc", max_tokens=16, temperature=0)
+    text = client.completions.create(extra_body={"ignore_eos": True}, **kw).choices[0].text
+    stop = text[5:8]
+    body = {"ignore_eos": True, "include_stop_str_in_output": True}
+    kept = client.completions.create(stop=[stop], extra_body=body, **kw).choices[0]
+    assert kept.text == text[:text.index(stop) + 3] and kept.finish_reason == "stop"
+    chunks = list(client.completions.create(stop=[stop], stream=True, extra_body=body, **kw))
+    assert "".join(ch.choices[0].text for ch in chunks) == kept.text
+
+    prompt = [random.Random(6).randrange(3, 500) for _ in range(30)]
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                    extra_body={"ignore_eos": True, "truncate_prompt_tokens": 10})
+    last = client.completions.create(model=MODEL, prompt=prompt[-10:], max_tokens=4, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert cut.usage.prompt_tokens == 10 and cut.choices[0].text == last.choices[0].text
+
+    chunks = list(client.completions.create(model=MODEL, prompt="abc", max_tokens=5, stream=True,
+                                            stream_options={"continuous_usage_stats": True},
+                                            extra_body={"ignore_eos": True}))
+    assert [ch.usage.completion_tokens for ch in chunks] == list(range(1, 6))
+
+
 def test_a_stream_never_sends_part_of_a_stop_string(client):
     """A stop string that starts in one step's text and ends in the next one's: the first
     step's tail must wait until the second shows whether the stop string completes."""

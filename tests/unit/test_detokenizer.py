@@ -146,6 +146,7 @@ def test_incremental_special_tokens_and_out_of_vocab_ids(tok):
 
 def test_find_stop_truncates_and_excludes():
     assert find_stop("hello world", ("wor",), 5) == ("hello ", True)
+    assert find_stop("hello world", ("wor",), 5, include=True) == ("hello wor", True)  # include_stop_str_in_output
     assert find_stop("hello world", ("xyz",), 11) == ("hello world", False)
     assert find_stop("STOP here", ("STOP",), 9) == ("", True)
     assert find_stop("abc", (), 3) == ("abc", False)

@@ -54,6 +54,16 @@ def test_prompt_forms_and_sampling_fields(tok):
     assert completion(tok, prompt=["a", "b"]).prompt_texts == ["a", "b"]
 
 
+def test_truncation_stop_strings_and_usage_options(tok):
+    req = completion(tok, prompt=[[5, 6, 7, 8], [9]], truncate_prompt_tokens=2, echo=True)
+    assert req.prompts == [[7, 8], [9]] and req.prompt_texts == [None, None]  # echo decodes what is kept
+    assert completion(tok, prompt="hi", include_stop_str_in_output=True, stop="x").params.include_stop_str_in_output
+    streamed = completion(tok, prompt="hi", stream=True, stream_options={"continuous_usage_stats": True})
+    assert streamed.continuous_usage and not completion(tok, prompt="hi").continuous_usage
+    e = error(completion, tok, prompt="hi", truncate_prompt_tokens=0)
+    assert e.param == "truncate_prompt_tokens" and "must be >= 1" in e.message
+
+
 def test_scoring_and_steering_fields(tok):
     p = completion(tok, prompt="hi", logit_bias={"5": -100, "6": 3}, allowed_token_ids=[5, 6, 7]).params
     assert p.logit_bias == {5: -100.0, 6: 3.0} and p.allowed_token_ids == (5, 6, 7)
