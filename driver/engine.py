@@ -12,6 +12,7 @@ trip overlap the GPU's: the workers find their next step already queued.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -90,6 +91,9 @@ class LLMEngine:
         if params.truncate_prompt_tokens is not None and len(token_ids) > params.truncate_prompt_tokens:
             text, token_ids = None, token_ids[-params.truncate_prompt_tokens:]  # its last tokens, as vLLM
         check_token_ids_in_vocab(params, vocab)
+        if params.guided_choice is not None:  # each choice as the tokenizer spells it
+            params = dataclasses.replace(params, choice_token_ids=tuple(
+                tuple(self.tokenizer.encode(c, add_special_tokens=False)) for c in params.guided_choice))
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")

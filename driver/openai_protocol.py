@@ -182,6 +182,16 @@ def _tools(body: dict, tool_parser: str | None) -> tuple[list[dict] | None, bool
     return tools, True
 
 
+def _guided_choice(body: dict) -> list | None:
+    """vLLM's structured output by choice: structured_outputs.choice, or the older guided_choice."""
+    structured = _field(body, "structured_outputs", (dict,), {})
+    unknown = sorted(set(structured) - {"choice"})
+    if unknown:
+        raise APIError(f"structured_outputs supports only 'choice' (got {unknown}); raytp has no grammar "
+                       f"engine for json, regex or grammar constraints", param="structured_outputs")
+    return structured.get("choice") or _field(body, "guided_choice", (list,), None)
+
+
 def _prompt_logprobs(body: dict, stream: bool) -> int | None:
     k = _field(body, "prompt_logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
     if k is not None and stream:
@@ -220,6 +230,7 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, v
             skip_special_tokens=_field(body, "skip_special_tokens", (bool,), True),
             logit_bias=_field(body, "logit_bias", (dict,)),
             include_stop_str_in_output=_field(body, "include_stop_str_in_output", (bool,), False),
+            guided_choice=_guided_choice(body),
             allowed_token_ids=_field(body, "allowed_token_ids", (list,)))
         check_token_ids_in_vocab(params, vocab_size)
         return params

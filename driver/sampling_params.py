@@ -27,6 +27,10 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (vLLM's extension)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
+    # Structured output by choice (vLLM's guided_choice): the completion is one of these strings.
+    guided_choice: tuple[str, ...] | None = None
+    # guided_choice as token ids, set by the engine from its tokenizer (each string's own tokens).
+    choice_token_ids: tuple[tuple[int, ...], ...] | None = None
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     detokenize: bool = True  # False: token ids only (benchmarks); stop strings need text
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -37,6 +41,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.guided_choice is not None:
+            object.__setattr__(self, "guided_choice", tuple(self.guided_choice))
         if self.allowed_token_ids is not None:
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         if self.logit_bias is not None:  # JSON keys are strings: {"50256": -100}
@@ -68,6 +74,9 @@ class SamplingParams:
                                                                 and 0 <= self.prompt_logprobs <= 20),
              "must be in [0, 20]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("guided_choice", self.guided_choice is None or (
+                self.guided_choice and all(isinstance(c, str) and c for c in self.guided_choice)),
+             "must be a non-empty list of non-empty strings"),
             ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
                 isinstance(self.truncate_prompt_tokens, int) and self.truncate_prompt_tokens >= 1), "must be >= 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),

@@ -9,6 +9,12 @@ from driver.lora import LoRARequest
 from driver.sampling_params import PoolingParams, SamplingParams
 
 
+def choice_complete(choices: tuple[tuple[int, ...], ...], output: list[int]) -> bool:
+    """guided_choice: the output is a whole choice that no longer choice continues."""
+    out, n = tuple(output), len(output)
+    return out in choices and not any(len(c) > n and c[:n] == out for c in choices)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -123,6 +129,8 @@ class SequenceGroup:
         p, num_tokens = self.sampling_params, len(seq.token_ids)
         num_output = num_tokens - seq.num_prompt_tokens
         if token in self.stop_token_ids and num_output >= p.min_tokens:
+            return SequenceStatus.FINISHED_STOPPED
+        if p.choice_token_ids is not None and choice_complete(p.choice_token_ids, seq.output_token_ids):
             return SequenceStatus.FINISHED_STOPPED
         if p.max_tokens is not None and num_output >= p.max_tokens:
             return SequenceStatus.FINISHED_LENGTH

@@ -45,3 +45,22 @@ def hf_embedding(ckpt: str, prompt_ids: list[int], normalize: bool = True) -> li
     """The last token's final hidden state (the base model's output, after its final norm)."""
     hidden = hf_model(ckpt).model(torch.tensor([prompt_ids])).last_hidden_state[0, -1].float()
     return (torch.nn.functional.normalize(hidden, dim=0) if normalize else hidden).tolist()
+
+
+@torch.inference_mode()
+def hf_greedy_choice(ckpt: str, prompt_ids: list[int], choices: list[list[int]], stop_ids: list[int]) -> list[int]:
+    """Greedy decoding constrained to one of `choices` (token lists): at each step the argmax
+    over the next tokens of the choices the output is a prefix of (and the stop ids once it is
+    a whole choice), until a whole choice no longer one continues, or a stop id."""
+    model, out = hf_model(ckpt), []
+    while True:
+        n = len(out)
+        allowed = {c[n] for c in choices if len(c) > n and c[:n] == out}
+        if out in choices:
+            if not allowed:
+                return out
+            allowed |= set(stop_ids)
+        logits = model(torch.tensor([prompt_ids + out])).logits[0, -1]
+        out.append(max(sorted(allowed), key=lambda t: float(logits[t])))
+        if out[-1] in stop_ids:
+            return out

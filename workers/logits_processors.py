@@ -30,7 +30,24 @@ def has_penalties(params: SamplingParams) -> bool:
 
 
 def has_logit_rules(params: SamplingParams) -> bool:
-    return params.logit_bias is not None or params.allowed_token_ids is not None
+    return (params.logit_bias is not None or params.allowed_token_ids is not None
+            or params.choice_token_ids is not None)
+
+
+def allowed_ids(row: SamplingRow) -> list[int] | None:
+    """The tokens a row may sample by its allowed_token_ids, or by guided_choice: the next
+    token of each choice its output is a prefix of, and its stop ids once it is a whole choice."""
+    p = row.params
+    if p.choice_token_ids is None:
+        return None if p.allowed_token_ids is None else list(p.allowed_token_ids)
+    out = tuple(row.output_token_ids)
+    n = len(out)
+    ids = {c[n] for c in p.choice_token_ids if len(c) > n and c[:n] == out}
+    if out in p.choice_token_ids:
+        ids.update(row.stop_token_ids)
+    # Empty: a whole choice sampled with a step in flight, or ignore_eos; the engine has ended
+    # the sequence and drops this token, so it may be anything.
+    return sorted(ids) or None
 
 
 def min_tokens_active(row: SamplingRow) -> bool:
@@ -82,14 +99,14 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 
 def apply_allowed_token_ids(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """In place: -inf outside allowed_token_ids, on the rows that have them."""
-    idx = [i for i, r in enumerate(rows) if r.params.allowed_token_ids is not None]
-    if not idx:
+    """In place: -inf outside the tokens a row may sample (allowed_token_ids, guided_choice)."""
+    allowed = {i: ids for i, r in enumerate(rows) if (ids := allowed_ids(r)) is not None}
+    if not allowed:
         return logits
-    vocab_size = logits.shape[-1]
+    idx, vocab_size = list(allowed), logits.shape[-1]
     keep = torch.zeros(len(idx), vocab_size, dtype=torch.bool)
     for j, i in enumerate(idx):
-        keep[j, [t for t in rows[i].params.allowed_token_ids if t < vocab_size]] = True
+        keep[j, [t for t in allowed[i] if t < vocab_size]] = True
     idx_t = index_tensor(idx, logits.device)
     sub = logits.index_select(0, idx_t).masked_fill_(~keep.to(logits.device, non_blocking=True), float("-inf"))
     logits.index_copy_(0, idx_t, sub)

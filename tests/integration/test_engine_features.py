@@ -148,3 +148,22 @@ def test_priority_policy_orders_the_requests(llama_ckpt):
         assert done == ["high", "mid", "late-low"]
         outs = llm.generate([PROMPT, PROMPT], params, use_tqdm=False, priority=[1, 0])
         assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
+
+
+def test_guided_choice_equals_constrained_transformers(llm, llama_ckpt):
+    from tests.hf_reference import hf_greedy_choice
+
+    choices = ["positive", "negative", "neutral opinion", "neutral"]
+    tok = llm.tokenizer
+    choice_ids = [tok.encode(c, add_special_tokens=False) for c in choices]
+    stop_ids = list(llm.engine.scheduler.eos_token_ids)
+    prompts = ["The review says", "I am fine, thank you.", "What is the weather like?"]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, guided_choice=choices, max_tokens=12),
+                        use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        c = out.outputs[0]
+        assert c.text in choices and c.finish_reason == "stop"
+        assert c.token_ids == hf_greedy_choice(llama_ckpt, out.prompt_token_ids, choice_ids, stop_ids)
+    sampled = llm.generate(prompts * 4, SamplingParams(temperature=1.0, guided_choice=choices, seed=5),
+                           use_tqdm=False)
+    assert all(o.outputs[0].text in choices for o in sampled)

@@ -214,6 +214,16 @@ def test_vllm_extras_stop_strings_truncation_and_usage(client):
     assert [ch.usage.completion_tokens for ch in chunks] == list(range(1, 6))
 
 
+def test_guided_choice(client):
+    choices = ["positive", "negative", "neutral"]
+    for body in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Rate it"}],
+                                             n=3, extra_body=body)
+        assert all(c.message.content in choices and c.finish_reason == "stop" for c in out.choices)
+    with pytest.raises(openai.BadRequestError, match="supports only 'choice'"):
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"structured_outputs": {"json": {}}})
+
+
 def test_a_stream_never_sends_part_of_a_stop_string(client):
     """A stop string that starts in one step's text and ends in the next one's: the first
     step's tail must wait until the second shows whether the stop string completes."""

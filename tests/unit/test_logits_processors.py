@@ -63,3 +63,18 @@ def test_bad_values_name_the_field():
     with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list"):
         SamplingParams(allowed_token_ids=[])
     assert SamplingParams(logit_bias={"7": -5}).logit_bias == {7: -5.0}  # JSON's string keys
+
+
+def test_guided_choice_allows_the_next_token_of_each_matching_choice():
+    # (the engine sets choice_token_ids from guided_choice with its tokenizer)
+    p = SamplingParams(temperature=0.0, guided_choice=["a", "ab", "c"], choice_token_ids=((5, 6), (5, 6, 7), (9,)))
+
+    def row(output):
+        return SamplingRow(p, 0, [1, 2] + output, 2, stop_token_ids=(0,))
+
+    x = _logits(3)
+    out = process_logits(x, [row([]), row([5, 6]), row([5, 6, 7])])
+    finite = [sorted(torch.nonzero(out[i] > -math.inf).flatten().tolist()) for i in range(3)]
+    assert finite == [[5, 9], [0, 7], [0]]  # a whole choice may also stop (0: its stop id)
+    [token], _ = Sampler()(x[:1], [row([])])
+    assert token == max((5, 9), key=lambda t: float(x[0, t]))
