@@ -147,6 +147,23 @@ def test_lora_equals_merged_weights(ckpts, tp, tmp_path):
         assert alone.outputs[0].token_ids == outs[1].outputs[0].token_ids
 
 
+def test_logits_rules_on_the_device(ckpts):
+    """guided_choice, allowed_token_ids and logit_bias: their masks are built on the host and
+    applied to the logits on the GPU, batched with plain rows."""
+    choices = ["positive", "negative", "neutral"]
+    with _engine(ckpts["qwen2"], 1, "bfloat16") as llm:
+        prompts = _prompts(llm.config.model.arch.vocab_size)[:3]
+        favoured = 300
+        outs = llm.generate(prompts, [SamplingParams(temperature=0.0, guided_choice=choices, max_tokens=12),
+                                      SamplingParams(temperature=1.0, seed=3, max_tokens=6,
+                                                     allowed_token_ids=[7, 8, 9]),
+                                      SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                     logit_bias={favoured: 100.0})], use_tqdm=False)
+    assert outs[0].outputs[0].text in choices and outs[0].outputs[0].finish_reason == "stop"
+    assert set(outs[1].outputs[0].token_ids) <= {7, 8, 9}
+    assert outs[2].outputs[0].token_ids == [favoured] * 6
+
+
 @torch.inference_mode()
 def _hf_logprobs_of(ckpt, prompt, tokens, dtype=torch.float32) -> list[float]:
     """transformers' logprob of each of `tokens`, teacher-forced on them (on the GPU)."""
