@@ -3,7 +3,7 @@
 Every problem becomes an APIError that renders as OpenAI's error body, naming the field
 and what it accepts, so a client sees a 400 that says how to fix the request. Fields the
 OpenAI clients send and raytp ignores (user, metadata, store, ...) pass silently; fields
-whose meaning raytp does not implement (tools, suffix, ...) are refused.
+whose meaning raytp does not implement (suffix, the deprecated functions, ...) are refused.
 """
 from __future__ import annotations
 

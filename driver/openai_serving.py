@@ -77,8 +77,8 @@ class OpenAIServing:
                  tool_parser: str | None = None, lora_modules: dict[str, str] | None = None):
         self.engine = engine
         # Each adapter is a model of its own to clients (vLLM's --lora-modules), ids from 1.
-        self.loras = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate((lora_modules or {}).items(),
-                                                                                         start=1)}
+        modules = (lora_modules or {}).items()
+        self.loras = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(modules, start=1)}
         self.stream_interval = stream_interval
         self.tool_parser = tool_parser  # with --enable-auto-tool-choice: --tool-call-parser's name
         # The engine detokenizes in its own process; this one tokenizes prompts, renders chat
