@@ -10,6 +10,7 @@ import os
 import sys
 
 from driver.config import engine_fields
+from driver.reasoning_parsers import REASONING_PARSERS
 from driver.tool_parsers import TOOL_PARSERS
 
 ENGINE_HELP = {
@@ -142,6 +143,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                             "engines are added while each has more requests in flight than the target")
     group.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", type=_lora_module,
                        help="LoRA adapters (PEFT directories) served as models named NAME; needs --enable-lora")
+    group.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS),
+                       help="split chat replies into reasoning_content and content: deepseek_r1 (DeepSeek-R1 and "
+                            "its distills, thinking that ends in </think>)")
     group.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
                        help="chat requests with tools (tool_choice 'auto') get the model's tool calls back as "
                             "tool_calls; needs --tool-call-parser")
@@ -235,7 +239,8 @@ def cmd_serve(args) -> int:
                                          autoscaling_config=args.autoscaling_config,
                                          lora_modules=dict(args.lora_modules) if args.lora_modules else None,
                                          enable_auto_tool_choice=args.enable_auto_tool_choice,
-                                         tool_call_parser=args.tool_call_parser)
+                                         tool_call_parser=args.tool_call_parser,
+                                         reasoning_parser=args.reasoning_parser)
     engine_config = _engine_config(args)
     name = serve_config.served_model_name or raytp_serve.served_name(engine_config)
     print(f"raytp: serving {name!r} at http://{serve_config.host}:{serve_config.port}/v1 (Ctrl-C stops)",

@@ -170,6 +170,8 @@ class ServeConfig:
     # LoRA adapters served as models of their own ({name: PEFT directory}, vLLM's --lora-modules);
     # the engine needs enable_lora and max_loras >= their number.
     lora_modules: dict | None = field(default=None, hash=False)
+    # Chat replies' reasoning into `reasoning_content` (driver/reasoning_parsers.py: deepseek_r1).
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -181,6 +183,9 @@ class ServeConfig:
             get_tool_parser(self.tool_call_parser)  # a clear error for an unknown name
         if self.autoscaling_config is not None:
             self._check_autoscaling()
+        if self.reasoning_parser is not None:
+            from driver.reasoning_parsers import get_reasoning_parser
+            get_reasoning_parser(self.reasoning_parser)  # a clear error for an unknown name
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes or llama3_json): the "
                              "format the model writes its tool calls in")

@@ -26,6 +26,7 @@ from driver.lora import LoRARequest
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
 from driver.tokenizer import load_tokenizer
+from driver.reasoning_parsers import Spans, get_reasoning_parser
 from driver.tool_parsers import get_tool_parser
 
 
@@ -74,13 +75,15 @@ async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str, stream_interval: int = 1,
-                 tool_parser: str | None = None, lora_modules: dict[str, str] | None = None):
+                 tool_parser: str | None = None, lora_modules: dict[str, str] | None = None,
+                 reasoning_parser: str | None = None):
         self.engine = engine
         # Each adapter is a model of its own to clients (vLLM's --lora-modules), ids from 1.
         modules = (lora_modules or {}).items()
         self.loras = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(modules, start=1)}
         self.stream_interval = stream_interval
         self.tool_parser = tool_parser  # with --enable-auto-tool-choice: --tool-call-parser's name
+        self.reasoning_parser = reasoning_parser  # --reasoning-parser: chat replies' reasoning_content
         # The engine detokenizes in its own process; this one tokenizes prompts, renders chat
         # templates and spells out logprobs' tokens.
         self.tokenizer = load_tokenizer(engine.config.model.tokenizer)
@@ -189,36 +192,40 @@ class OpenAIServing:
         echo = self._prompt_text(req, i) if first and req.echo else ""  # the prompt leads the first delta
         if echo and req.logprobs:  # (with its logprobs)
             new_ids, new_lps = req.prompts[i] + new_ids, out.prompt_logprobs + new_lps
-        end, calls = len(c.text), None
-        if req.tool_parser:  # what may be a tool call waits until the choice ends
-            end, calls = self._stream_tool_calls(req, c)
+        end, calls, spans = self._sendable(req, c, chat)
         # The tail that could start a stop string waits until the choice ends (vLLM v1's
         # hold-back): a stream never sends text that the whole response would not have.
         done = c.finish_reason is not None and (end == len(c.text) or calls is not None)
         new_text = next_stream_delta(c.text[:end], chars, req.params.stop or (), done)
-        text = echo + new_text
-        sent[index] = (chars + len(new_text), len(c.token_ids))
+        new_end = chars + len(new_text)
+        sent[index] = (new_end, len(c.token_ids))
         logprobs = self._logprobs(req, new_ids, new_lps, chat) if req.logprobs else None
         if not chat:
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if new_ids else {})
+            return {"index": index, "text": echo + new_text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        reasoning = c.text[max(chars, spans.start):min(new_end, spans.end)]  # (the tags are never sent)
+        content = c.text[max(chars, spans.content):new_end]
+        delta = {"role": "assistant"} if first else {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if content or first or (new_ids and not reasoning):
+            delta["content"] = content
         if calls:
             delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
         return {"index": index, "delta": delta, "logprobs": logprobs,
                 "finish_reason": "tool_calls" if calls else c.finish_reason}
 
-    @staticmethod
-    def _stream_tool_calls(req: ParsedRequest, c: CompletionOutput) -> tuple[int, list[dict] | None]:
-        """How much of the text a stream may send as content by now, and the tool calls once
-        the choice ended with some (its content is then the text before them)."""
-        parser = get_tool_parser(req.tool_parser)
-        cut = parser.tool_start(c.text)
-        if cut is None:
-            return len(c.text), None
-        if c.finish_reason is None:
-            return cut, None
-        _, calls = parser.extract(c.text)
-        return (cut, calls) if calls else (len(c.text), None)
+    def _sendable(self, req: ParsedRequest, c: CompletionOutput, chat: bool) -> tuple[int, list | None, Spans]:
+        """How much of a choice's text a stream may send by now, its tool calls once it ended with
+        some, and where its reasoning and content lie (all content without a reasoning parser)."""
+        text, finished = c.text, c.finish_reason is not None
+        spans, end = Spans(0, 0, 0), len(text)
+        if chat and self.reasoning_parser:  # a tail that may begin the end tag waits
+            spans, end = get_reasoning_parser(self.reasoning_parser).spans(text, finished)
+        calls = None
+        if req.tool_parser:  # what may be a tool call (in the content) waits until the choice ends
+            cut, calls = _stream_tool_calls(req.tool_parser, text[spans.content:], finished)
+            end = min(end, spans.content + cut)
+        return end, calls, spans
 
     def _choice(self, req: ParsedRequest, i: int, out: RequestOutput, c: CompletionOutput, chat: bool) -> dict:
         index = i * req.params.n + c.index
@@ -227,17 +234,24 @@ class OpenAIServing:
             ids, lps = out.prompt_token_ids + ids, out.prompt_logprobs + lps
         logprobs = self._logprobs(req, ids, lps, chat) if req.logprobs else None
         if chat:
-            message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
-            if req.tool_parser:
-                content, calls = get_tool_parser(req.tool_parser).extract(c.text)
-                if calls:
-                    message, reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            message, reason = self._message(req, c)
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
         text = self._prompt_text(req, i) + c.text if req.echo else c.text
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
         if req.prompt_logprobs is not None:
             choice["prompt_logprobs"] = self._prompt_logprobs(req, out)
         return choice
+
+    def _message(self, req: ParsedRequest, c: CompletionOutput) -> tuple[dict, str | None]:
+        """A whole chat choice's message (reasoning and tool calls parsed out) and finish reason."""
+        message = {"role": "assistant", "content": c.text}
+        if self.reasoning_parser:
+            message["reasoning_content"], message["content"] = get_reasoning_parser(self.reasoning_parser).split(c.text)
+        if req.tool_parser and message["content"]:
+            content, calls = get_tool_parser(req.tool_parser).extract(message["content"])
+            if calls:
+                return {**message, "content": content, "tool_calls": calls}, "tool_calls"
+        return message, c.finish_reason
 
     def _prompt_logprobs(self, req: ParsedRequest, out: RequestOutput) -> list[dict | None]:
         """vLLM's shape: per prompt token (None for the first), {token id: {logprob, decoded_token}}
@@ -284,6 +298,19 @@ class OpenAIServing:
         prompt = sum(len(ids) for ids in req.prompts)
         completion = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _stream_tool_calls(parser_name: str, text: str, finished: bool) -> tuple[int, list[dict] | None]:
+    """How much of the (content) text a stream may send by now, and the tool calls once the
+    choice ended with some (its content is then the text before them)."""
+    parser = get_tool_parser(parser_name)
+    cut = parser.tool_start(text)
+    if cut is None:
+        return len(text), None
+    if not finished:
+        return cut, None
+    _, calls = parser.extract(text)
+    return (cut, calls) if calls else (len(text), None)
 
 
 async def _collect(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:

@@ -20,6 +20,7 @@ def test_preset_then_flags():
 
 
 @pytest.mark.parametrize("bad, says", [
+    ({"reasoning_parser": "qwen3"}, "unknown reasoning parser 'qwen3'"),
     ({"autoscaling_config": {"max_replica": 2}}, "Ray Serve's AutoscalingConfig fields"),
     ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas (2) must be greater"),
     ({"autoscaling_config": {"max_replicas": 2}, "num_replicas": 2}, "num_replicas or autoscaling_config"),
