@@ -298,7 +298,7 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     tools, parse_calls = _tools(body, tool_parser)
     prompts, texts = [_check_ids(_chat_ids(body, tokenizer, tools), vocab_size)], [None]
     _truncate(body, prompts, texts)
-    ids = prompts[0]
+    [ids] = prompts
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _field(body, param, (int,), None)  # None: up to the context limit
     check_length(len(ids), max_tokens, max_model_len, param)
@@ -309,7 +309,7 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     stream, usage, continuous = _stream_options(body)
     prompt_k = _prompt_logprobs(body, stream)
     params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, vocab_size, prompt_k)
-    return ParsedRequest(model, [ids], [None], params, stream, usage, logprobs=want_logprobs,
+    return ParsedRequest(model, prompts, texts, params, stream, usage, logprobs=want_logprobs,
                          prompt_logprobs=prompt_k, tool_parser=tool_parser if parse_calls else None,
                          priority=_field(body, "priority", (int,), 0), continuous_usage=continuous)
 

@@ -19,7 +19,7 @@ import os
 import torch
 
 from driver.lora import PEFT_PREFIX, LoRARequest, check_adapter
-from workers.layers import RowParallelLinear
+from workers.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 
 class LoRABatch:
@@ -109,9 +109,12 @@ def _shard(layer: torch.nn.Module, parts: dict, r: int) -> tuple[torch.Tensor, t
 
 
 def _part_names(layer: torch.nn.Module) -> list:
-    if hasattr(layer, "q_size"):
+    """The shard ids of a column-parallel layer's stacked parts (its weight loader's)."""
+    if isinstance(layer, QKVParallelLinear):
         return ["q", "k", "v"]
-    return list(range(len(getattr(layer, "output_sizes", [None]))))
+    if isinstance(layer, MergedColumnParallelLinear):
+        return list(range(len(layer.output_sizes)))
+    return [None]
 
 
 def read_adapter(path: str, max_rank: int) -> tuple[dict, dict[str, torch.Tensor]]:

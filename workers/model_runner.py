@@ -31,7 +31,7 @@ from workers.input_batch import (PLACEHOLDER, BlockTables, chunk_rows, decode_ro
 from workers.lora import LoRAManager
 from workers.prompt_logprobs import (PromptLogprobs, PromptLogprobsPlan, compute_prompt_logprobs,
                                      plan_prompt_logprobs, prompt_logprobs_to_host, wants_prompt_logprobs)
-from workers.staging import StagingBuffer
+from workers.staging import StagingBuffer, to_device_async
 from workers.sampler import Sampler, SamplerOutput, SamplingRow, to_host
 
 
@@ -204,7 +204,7 @@ class ModelRunner:
             if s.lora_id:
                 rows.setdefault(s.lora_id, []).append(np.arange(start, start + n))
             start += n
-        self.lora.set_rows([(torch.from_numpy(np.concatenate(r)).to(self.device), lora_id)
+        self.lora.set_rows([(to_device_async(np.concatenate(r), self.device), lora_id)
                             for lora_id, r in rows.items()])
         return bool(rows)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workers.staging import to_device_async
+
 MAX_ROWS = 256
 
 
@@ -66,8 +68,8 @@ def plan_prompt_logprobs(states: list, num_scheduled: list[int], device: torch.d
         plan.target_ids += s.token_ids[c + 1:end + 1]
     if not plan.req_ids:
         return None
-    plan.rows = torch.from_numpy(np.concatenate(rows)).to(device)
-    plan.targets = torch.tensor(plan.target_ids, dtype=torch.long).to(device)
+    plan.rows = to_device_async(np.concatenate(rows), device)
+    plan.targets = to_device_async(np.array(plan.target_ids, dtype=np.int64), device)
     return plan
 
 

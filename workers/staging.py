@@ -21,6 +21,15 @@ import torch
 _ALIGN = 16
 
 
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A device copy of a small array outside the step's one staged copy (inputs only some steps
+    need), queued without syncing: a copy from pageable memory would wait for the stream."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # (the host allocator keeps it until copied)
+
+
 def aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
