@@ -1,9 +1,12 @@
 """What a LoRA adapter costs in decode (Llama-3-8B shapes, bf16, random weights; a random
 rank-16 PEFT adapter on all seven linears): time per output token of a batch of requests
-with the base weights vs all of them under the adapter, in one engine (enable_lora).
+with the base weights, all of them under the adapter, and half and half, in one engine
+(enable_lora).
 
-Steps with adapter rows run eagerly (no CUDA graphs, no fused TP=1 decode layers) and add
-two small GEMMs per linear per adapter; this measures what that costs.
+Decode steps with adapter rows replay their bucket's LoRA CUDA graph: the unfused layers
+(at TP=1 the base's batch-1 steps run fused ones) plus, per linear, every slot's two
+products masked per row (workers/lora.py); this measures what that costs. Each figure is
+the median of 3 pairs of runs, (N new tokens - 1 new token) / (N - 1).
 
     python3 -m benchmarks.lora_decode                     # batches 1 and 64
     python3 -m benchmarks.lora_decode --shape tiny        # CPU smoke test
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -47,16 +51,18 @@ def write_adapter(shape: str, rank: int, path: str) -> str:
     return path
 
 
-def tpot_ms(llm, prompts: list[list[int]], lora, new_tokens: int) -> float:
-    """Time per output token of the batch: (all new tokens - the first) / (new_tokens - 1)."""
-    loras = [lora] * len(prompts)
+def tpot_ms(llm, prompts: list[list[int]], loras: list, new_tokens: int, repeats: int = 3) -> float:
+    """Median time per output token of the batch: (all new tokens - the first) / (new_tokens - 1)."""
     llm.generate(prompts, sampling(new_tokens), use_tqdm=False, lora_request=loras)  # warm-up
-    start = time.perf_counter()
-    llm.generate(prompts, sampling(1), use_tqdm=False, lora_request=loras)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    llm.generate(prompts, sampling(new_tokens), use_tqdm=False, lora_request=loras)
-    return ms((time.perf_counter() - start - first) / (new_tokens - 1))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        llm.generate(prompts, sampling(1), use_tqdm=False, lora_request=loras)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        llm.generate(prompts, sampling(new_tokens), use_tqdm=False, lora_request=loras)
+        times.append((time.perf_counter() - start - first) / (new_tokens - 1))
+    return ms(statistics.median(times))
 
 
 def main(argv=None) -> None:
@@ -75,11 +81,13 @@ def main(argv=None) -> None:
         with make_llm(args, enable_lora=True, max_lora_rank=args.rank) as llm:
             for batch in map(int, args.batches.split(",")):
                 prompts = make_prompts(args.shape, [args.prompt_len] * batch, seed=batch)
-                base, adapted = (tpot_ms(llm, prompts, x, args.new_tokens) for x in (None, lora))
+                half = [lora if i % 2 else None for i in range(batch)]
+                base, adapted, mixed = (tpot_ms(llm, prompts, loras, args.new_tokens)
+                                        for loras in ([None] * batch, [lora] * batch, half))
                 results.append({"batch": batch, "tpot_base_ms": base, "tpot_lora_ms": adapted,
-                                "lora_over_base": round(adapted / base, 3)})
-                rows.append([batch, base, adapted, round(adapted / base, 3)])
-    print_table(["batch", "tpot_base_ms", "tpot_lora_ms", "lora/base"], rows)
+                                "tpot_half_lora_ms": mixed, "lora_over_base": round(adapted / base, 3)})
+                rows.append([batch, base, adapted, mixed, round(adapted / base, 3)])
+    print_table(["batch", "tpot_base_ms", "tpot_lora_ms", "tpot_half_ms", "lora/base"], rows)
     write_result("lora_decode", {"config": {"shape": args.shape, "dtype": args.dtype, "rank": args.rank,
                                             "targets": list(TARGETS), "prompt_len": args.prompt_len,
                                             "new_tokens": args.new_tokens}, "results": results},

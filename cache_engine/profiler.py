@@ -1,7 +1,8 @@
 """KV cache sizing on GPU by profiling (vLLM's method).
 
 Run one cache-less forward at the largest step the scheduler can emit
-(max_num_batched_tokens tokens over max_num_seqs sequences) plus the logits and
+(max_num_batched_tokens tokens over max_num_seqs sequences; with enable_lora, all
+of them under an adapter slot, and the slots allocated) plus the logits and
 a sampler-sized softmax, read the peak of torch's allocator, and give the KV
 cache what is left of gpu_memory_utilization * total memory after the weights,
 that peak, memory outside torch (CUDA context, NCCL, CuPy) and a reserve for
@@ -31,8 +32,11 @@ def graph_reserve_bytes(cfg, arch) -> int:
     from workers.cuda_graphs import batch_size_buckets
     tp = cfg.parallel.tensor_parallel_size
     logits = cfg.scheduler.max_num_seqs * arch.vocab_size * (4 if tp == 1 else 8)
-    row = 4 * -(-cfg.model.max_model_len // cfg.cache.block_size) + 64  # the table + 7 scalars
-    return CUDA_GRAPH_RESERVE_BYTES + logits + sum(batch_size_buckets(cfg.scheduler.max_num_seqs)) * row
+    row = 4 * -(-cfg.model.max_model_len // cfg.cache.block_size) + 72  # the table + 8 scalars
+    graphs = CUDA_GRAPH_RESERVE_BYTES + logits
+    if cfg.lora.enable_lora:  # a second graph per bucket, with its own logits
+        graphs *= 2
+    return graphs + sum(batch_size_buckets(cfg.scheduler.max_num_seqs)) * row
 
 
 def _dummy_step(num_tokens: int, num_seqs: int, device: torch.device):
@@ -59,7 +63,13 @@ def profile_num_gpu_blocks(worker) -> int:
     torch.cuda.reset_peak_memory_stats()
     positions, meta = _dummy_step(num_tokens, sched.max_num_seqs, worker.device)
     input_ids = torch.randint(0, arch.vocab_size, (num_tokens,), device=worker.device)
-    hidden = worker.model(input_ids, positions, None, meta)
+    if worker.lora is not None:  # every token under an adapter: its grouped products' activations too
+        worker.lora.batch.groups = [(torch.arange(num_tokens, device=worker.device), 0)]
+    try:
+        hidden = worker.model(input_ids, positions, None, meta)
+    finally:
+        if worker.lora is not None:
+            worker.lora.batch.groups = []
     rows = torch.arange(min(sched.max_num_seqs, num_tokens), device=worker.device)
     logits = worker.model.compute_logits(hidden[rows])
     torch.sort(torch.softmax(logits, dim=-1), dim=-1)  # the sampler's top-p sort

@@ -1,5 +1,5 @@
-"""LoRA adapters on a worker (vLLM's multi-LoRA): PEFT checkpoints loaded on first use, each
-rank keeping only its slices, applied per row group of a batch beside the base weights.
+"""LoRA adapters on a worker (vLLM's multi-LoRA): PEFT checkpoints loaded on first use into
+one of max_loras slots, each rank keeping only its slices, applied beside the base weights.
 
 For a targeted linear y = x W^T, an adapter adds s * (x A^T) B^T (A [r, in], B [out, r],
 s = lora_alpha / r). Tensor parallelism follows the base layer's: a column-parallel layer
@@ -8,76 +8,121 @@ its input shard and all of B, and its partial sums join the layer's own all-redu
 over ranks of x_r A_r^T B^T is x A^T B^T). The stacked layers (qkv_proj, gate_up_proj) hold
 one block-diagonal B over the stacked A of their parts, so one product serves q, k and v.
 
-Per step the model runner sets `LoRABatch.groups`: for each adapter in the batch, the rows
-(tokens) it applies to. Steps with LoRA rows run eagerly and unfused (CUDA graphs and the
-fused decode layers know only the base weights).
+Every layer's slots live in two buffers allocated with the model (before the KV cache is
+sized): A [L * P * R, in] and B [out, L * P * R] for L = max_loras slots, P stacked parts and
+R = max_lora_rank (a smaller rank, or an untargeted part, leaves zeros). A step applies them
+one of two ways (`LoRABatch`):
+- grouped (eager steps): per adapter in the step, its rows' two products, FLOPs as needed;
+- dense (decode CUDA graphs): every slot for every row, x A^T [T, L * P * R] masked to the
+  row's own slot, then one product with B. Shapes never depend on which adapters a step
+  has, so one graph serves any mix; the waste is small at decode batch sizes.
 """
 from __future__ import annotations
 
+import logging
 import os
 
+import numpy as np
 import torch
 
 from driver.lora import PEFT_PREFIX, LoRARequest, check_adapter
 from workers.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from workers.staging import to_device_async
+
+logger = logging.getLogger("raytp.lora")
+TARGET_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class LoRABatch:
-    """The step's row groups, shared by every LoRA layer of a model."""
+    """The step's adapter rows, shared by every LoRA layer of a model. At most one of
+    `groups` (eager) and `onehot` (graphs) is set; neither: no adapter in the step."""
 
-    def __init__(self):
-        self.groups: list[tuple[torch.Tensor, int]] = []  # (row indices [n] on the device, adapter id)
+    def __init__(self, max_loras: int, device: torch.device, dtype: torch.dtype):
+        self.groups: list[tuple[torch.Tensor, int]] = []  # (row indices [n] on the device, slot)
+        self.onehot: torch.Tensor | None = None  # [T, L]: 1 at each row's slot, 0 elsewhere
+        self.dtype = dtype
+        self.slot_ids = torch.arange(max_loras, device=device)
+
+    @property
+    def active(self) -> bool:
+        return self.onehot is not None or bool(self.groups)
+
+    def set_slots(self, slots: torch.Tensor | None) -> None:
+        """slots [T] int64 on the device (-1: the base weights): the dense mode, without a
+        host sync (capturable); None ends it."""
+        self.onehot = None if slots is None else (slots[:, None] == self.slot_ids).to(self.dtype)
 
 
 class LoRALayer:
-    """One linear's adapters: id -> (A [R, in_local], B [out_local, R] with the scale folded in)."""
+    """One linear's slots: A [L * P * R, in_local], B [out_local, L * P * R] (scale folded in)."""
 
-    def __init__(self, batch: LoRABatch):
-        self.batch = batch
-        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, layer: torch.nn.Module, batch: LoRABatch, max_loras: int, rank: int):
+        out_local, in_local = layer.weight.shape
+        self.batch, self.parts, self.rank = batch, _part_names(layer), rank
+        width = len(self.parts) * rank  # one slot's columns
+        w = layer.weight
+        self.a = torch.zeros(max_loras * width, in_local, dtype=w.dtype, device=w.device)
+        self.b = torch.zeros(out_local, max_loras * width, dtype=w.dtype, device=w.device)
+        self.width = width
+
+    def slot(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot s's (A [P * R, in_local], B [out_local, P * R]) views."""
+        cols = slice(s * self.width, (s + 1) * self.width)
+        return self.a[cols], self.b[:, cols]
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        for rows, lora_id in self.batch.groups:
-            w = self.weights.get(lora_id)
-            if w is not None:  # (else the adapter leaves this layer alone)
-                a, b = w
-                out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
+        onehot = self.batch.onehot
+        if onehot is not None:
+            h = (x @ self.a.t()).view(x.shape[0], onehot.shape[1], self.width)  # [T, L, P * R]
+            return out.addmm_((h * onehot[:, :, None]).view(x.shape[0], -1), self.b.t())
+        for rows, s in self.batch.groups:
+            a, b = self.slot(s)
+            out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
         return out
 
 
 class LoRAManager:
+    """The model's LoRA layers and slots. An adapter keeps its slot once loaded (at most
+    max_loras per engine, which the engine enforces first)."""
+
     def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int):
         self.model, self.max_loras, self.max_rank = model, max_loras, max_lora_rank
-        self.batch = LoRABatch()
+        param = next(model.parameters())
+        self.device = param.device
+        self.batch = LoRABatch(max_loras, param.device, param.dtype)
         model.model.lora_batch = self.batch  # the fused decode path steps aside for LoRA rows
         self.layers: dict[str, LoRALayer] = {}  # module name -> its LoRA state
-        self.loaded: set[int] = set()
+        self.slots: dict[int, int] = {}  # lora_int_id -> slot
         self._parts = {ckpt: (param, shard) for param, ckpt, shard in model.stacked_params_mapping}
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-                module.lora = self.layers[name] = LoRALayer(self.batch)
+            if name.rsplit(".", 1)[-1] in TARGET_LAYERS:
+                module.lora = self.layers[name] = LoRALayer(module, self.batch, max_loras, max_lora_rank)
+        nbytes = sum(t.numel() * t.element_size() for layer in self.layers.values() for t in (layer.a, layer.b))
+        logger.info("LoRA slots: %d adapters of rank <= %d, %.1f MiB", max_loras, max_lora_rank, nbytes / 2**20)
 
     def ensure_loaded(self, request: LoRARequest) -> None:
-        if request.lora_int_id in self.loaded:
+        if request.lora_int_id in self.slots:
             return
-        if len(self.loaded) >= self.max_loras:
+        if len(self.slots) >= self.max_loras:
             raise ValueError(f"more than max_loras={self.max_loras} adapters; raise max_loras")
         config, tensors = read_adapter(request.lora_path, self.max_rank)
         scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
-        param = next(self.model.parameters())
+        device = self.device
         by_module: dict[str, dict] = {}  # our module name -> {part: (A, B)}
         for key, a in tensors.items():
             if ".lora_A." not in key:
                 continue
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
             module, part = self._module_of(key[len(PEFT_PREFIX):].split(".lora_A.")[0])
-            by_module.setdefault(module, {})[part] = (a.to(param.device, torch.float32),
-                                                      b.to(param.device, torch.float32) * scale)
-        for module, parts in by_module.items():
-            layer = self.model.get_submodule(module)
-            self.layers[module].weights[request.lora_int_id] = tuple(
-                t.to(param.dtype) for t in _shard(layer, parts, config["r"]))
-        self.loaded.add(request.lora_int_id)
+            by_module.setdefault(module, {})[part] = (a.to(device, torch.float32),
+                                                      b.to(device, torch.float32) * scale)
+        slot = len(self.slots)
+        for module, layer in self.layers.items():
+            a, b = layer.slot(slot)
+            a.zero_(), b.zero_()
+            if module in by_module:
+                _load_slot(self.model.get_submodule(module), layer, a, b, by_module[module])
+        self.slots[request.lora_int_id] = slot
 
     def _module_of(self, ckpt_module: str) -> tuple[str, object]:
         """'model.layers.0.self_attn.q_proj' -> ('model.layers.0.self_attn.qkv_proj', 'q')."""
@@ -85,27 +130,40 @@ class LoRAManager:
         param, shard = self._parts.get(leaf, (leaf, None))
         return f"{prefix}.{param}", shard
 
-    def set_rows(self, groups: list[tuple[torch.Tensor, int]]) -> None:
+    def slots_of(self, states: list) -> np.ndarray | None:
+        """Each sequence's slot (-1: the base weights) [B] int64; None if none has an adapter."""
+        if not any(s.lora_id for s in states):
+            return None
+        return np.array([self.slots[s.lora_id] if s.lora_id else -1 for s in states], dtype=np.int64)
+
+    def set_groups(self, slots: np.ndarray | None, num_scheduled: list[int]) -> None:
+        """Tell the layers which rows (tokens) of an eager step each slot applies to."""
+        groups = []
+        if slots is not None:
+            token_slots = np.repeat(slots, num_scheduled)
+            for s in np.unique(slots[slots >= 0]):
+                groups.append((to_device_async(np.flatnonzero(token_slots == s), self.device), int(s)))
         self.batch.groups = groups
 
 
-def _shard(layer: torch.nn.Module, parts: dict, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (A, B) of one layer from its parts' full (A [r, in], B [out, r])."""
+def _load_slot(layer: torch.nn.Module, lora: LoRALayer, a_slot: torch.Tensor, b_slot: torch.Tensor,
+               parts: dict) -> None:
+    """Write this rank's slices of one layer's parts' full (A [r, in], B [out, r]) (float32)
+    into its slot's (A [P * R, in_local], B [out_local, P * R]); part i takes rows (columns)
+    i * R .. i * R + r."""
     if isinstance(layer, RowParallelLinear):
         (a, b), = parts.values()
-        a_local = torch.empty(r, layer.input_size_per_partition, dtype=a.dtype, device=a.device)
-        layer.weight_loader(a_local, a)  # the input columns of this rank
-        return a_local, b
-    names, device = _part_names(layer), next(iter(parts.values()))[0].device
-    a_cat = torch.zeros(len(names) * r, layer.input_size, device=device)
-    b_cat = torch.zeros(layer.output_size_per_partition, len(names) * r, device=device)
-    for i, name in enumerate(names):
-        if name not in parts:
-            continue  # an untargeted part: zeros
-        a, b = parts[name]
-        a_cat[i * r:(i + 1) * r] = a
-        layer.weight_loader(b_cat[:, i * r:(i + 1) * r], b, name)  # this rank's output rows of the part
-    return a_cat, b_cat
+        r = a.shape[0]
+        layer.weight_loader(a_slot[:r], a)  # the input columns of this rank
+        b_slot[:, :r] = b
+        return
+    R = lora.rank
+    for i, name in enumerate(lora.parts):
+        if name in parts:  # (an untargeted part stays zeros)
+            a, b = parts[name]
+            r = a.shape[0]
+            a_slot[i * R:i * R + r] = a
+            layer.weight_loader(b_slot[:, i * R:i * R + r], b, name)  # this rank's output rows of the part
 
 
 def _part_names(layer: torch.nn.Module) -> list:

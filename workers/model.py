@@ -136,7 +136,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, H]
-        lora_rows = self.lora_batch is not None and bool(self.lora_batch.groups)
+        lora_rows = self.lora_batch is not None and self.lora_batch.active
         if not lora_rows and _fuse_decode(hidden, kv_caches, meta):  # (fused layers know no adapters)
             for layer, kv_cache in zip(self.layers, kv_caches):
                 hidden = layer.forward_fused(positions, hidden, kv_cache, meta)  # the residual stream

@@ -31,7 +31,7 @@ from workers.input_batch import (PLACEHOLDER, BlockTables, chunk_rows, decode_ro
 from workers.lora import LoRAManager
 from workers.prompt_logprobs import (PromptLogprobs, PromptLogprobsPlan, compute_prompt_logprobs,
                                      plan_prompt_logprobs, prompt_logprobs_to_host, wants_prompt_logprobs)
-from workers.staging import StagingBuffer, to_device_async
+from workers.staging import StagingBuffer
 from workers.sampler import Sampler, SamplerOutput, SamplingRow, to_host
 
 
@@ -60,7 +60,7 @@ class StepInputs:
     logits_indices: torch.Tensor  # [num_sampled]: the last scheduled token of each sampling seq
     sample_req_ids: list[str]
     samples_every_token: bool = False  # logits_indices is arange(num_tokens) (decode-only steps)
-    bucket: int | None = None  # a decode-only step run by this bucket's CUDA graph
+    graph: tuple[int, bool] | None = None  # a decode-only step run by this (bucket, LoRA) CUDA graph
     prompt_plan: PromptLogprobsPlan | None = None  # rows whose prompt logprobs were asked for
     pooling: bool = False  # a sampling sequence is an embedding request: its hidden row is returned
 
@@ -158,12 +158,13 @@ class ModelRunner:
         num_decodes = num_leading_decodes(num_scheduled)
         prompt_plan = self._plan_prompt_logprobs(so, states)
         pooling = bool(self._pooling_ids) and not self._pooling_ids.isdisjoint(so.req_ids)
-        lora_rows = self.lora is not None and self._set_lora_rows(states, num_scheduled)
-        if (num_decodes == len(states) and self.graphs is not None and prompt_plan is None and not pooling
-                and not lora_rows):
-            bucket = self.graphs.bucket(num_decodes)
+        lora_slots = self.lora.slots_of(states) if self.lora is not None else None
+        if num_decodes == len(states) and self.graphs is not None and prompt_plan is None and not pooling:
+            bucket = self.graphs.bucket(num_decodes, lora=lora_slots is not None)
             if bucket is not None:
-                return self._prepare_graph_step(states, table_rows, bucket, prev)
+                return self._prepare_graph_step(states, table_rows, bucket, prev, lora_slots)
+        if self.lora is not None:
+            self.lora.set_groups(lora_slots, num_scheduled)
         parts = []
         if num_decodes:  # the leading decodes, all at once
             parts.append(decode_rows(states[:num_decodes], table_rows[:num_decodes], self.block_tables, bs))
@@ -196,18 +197,6 @@ class ModelRunner:
         return StepInputs(ids, pos, meta, rows, r.sample_ids, len(r.sample_rows) == len(r.input_ids),
                           prompt_plan=prompt_plan, pooling=pooling)
 
-    def _set_lora_rows(self, states: list[CachedRequestState], num_scheduled: list[int]) -> bool:
-        """Tell the LoRA layers which rows (tokens) each adapter of this step applies to."""
-        rows: dict[int, list[np.ndarray]] = {}
-        start = 0
-        for s, n in zip(states, num_scheduled):
-            if s.lora_id:
-                rows.setdefault(s.lora_id, []).append(np.arange(start, start + n))
-            start += n
-        self.lora.set_rows([(to_device_async(np.concatenate(r), self.device), lora_id)
-                            for lora_id, r in rows.items()])
-        return bool(rows)
-
     def _plan_prompt_logprobs(self, so: SchedulerOutput, states: list[CachedRequestState]
                               ) -> PromptLogprobsPlan | None:
         if not self._prompt_lp_ids or self._prompt_lp_ids.isdisjoint(so.req_ids):
@@ -219,22 +208,25 @@ class ModelRunner:
         return plan
 
     def _prepare_graph_step(self, states: list[CachedRequestState], table_rows: np.ndarray, bucket: int,
-                            prev: _StepInFlight | None) -> StepInputs:
-        """A decode-only step for bucket's CUDA graph: its inputs go straight into the buffer
-        the graph reads, by one copy (and one gather of the tokens still on the device)."""
+                            prev: _StepInFlight | None, lora_slots: np.ndarray | None) -> StepInputs:
+        """A decode-only step for bucket's CUDA graph (its LoRA variant with lora_slots): its
+        inputs go straight into the buffer the graph reads, by one copy (and one gather of the
+        tokens still on the device)."""
         r = decode_rows(states, table_rows, self.block_tables, self.block_size)
+        r.lora_slots = lora_slots
         x, b = self.graphs.inputs[bucket], len(states)
         x.stage(self.staging, r, self.block_tables.gather(table_rows))
         if len(r.gather_rows):
             n = len(r.gather_rows)
             _fill_placeholders(x.input_ids[:b], x.gather_rows[:n], x.gather_src[:n], prev)
         return StepInputs(x.input_ids[:b], x.positions[:b], x.meta(b, self.graphs.max_model_len),
-                          x.sample_rows[:len(r.sample_rows)], r.sample_ids, len(r.sample_rows) == b, bucket)
+                          x.sample_rows[:len(r.sample_rows)], r.sample_ids, len(r.sample_rows) == b,
+                          (bucket, lora_slots is not None))
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Decode CUDA graphs over the (already allocated) KV cache."""
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
-                                   self.block_size, self.device)
+                                   self.block_size, self.device, lora=self.lora is not None)
         self.graphs.capture()
 
     def _logits(self, inputs: StepInputs) -> tuple[torch.Tensor | None, PromptLogprobs | None,
@@ -242,8 +234,8 @@ class ModelRunner:
         """Run the step's forward -> logits [num_sampled, vocab] float32 (None: none sample),
         the prompt logprobs asked for (rank 0), and the sampled rows' hidden states [num_sampled,
         hidden] when an embedding request is among them."""
-        if inputs.bucket is not None:  # the graph ends in the logits of every row
-            logits = self.graphs.run(inputs.meta.num_seqs, inputs.bucket)
+        if inputs.graph is not None:  # the graph ends in the logits of every row
+            logits = self.graphs.run(inputs.meta.num_seqs, *inputs.graph)
             if not inputs.sample_req_ids:
                 return None, None, None
             return (logits if inputs.samples_every_token else logits[inputs.logits_indices]), None, None

@@ -38,6 +38,7 @@ class Worker:
         self.model: LlamaForCausalLM | None = None
         self.cache_engine: CacheEngine | None = None
         self.runner: ModelRunner | None = None
+        self.lora: LoRAManager | None = None  # with enable_lora
         self._profiler = None
         self.device = torch.device("cpu")  # on GPU, init_device picks this rank's GPU
 
@@ -83,6 +84,8 @@ class Worker:
         else:
             load_weights(model, cfg.model.model, progress=self.rank == 0)
         self.model = model.eval()
+        # LoRA slots take their memory now, before profiling sizes the KV cache.
+        self.lora = LoRAManager(model, cfg.lora.max_loras, cfg.lora.max_lora_rank) if cfg.lora.enable_lora else None
         logger.info("rank %d: model loaded (%s, %s)", self.rank, cfg.model.arch.architecture, cfg.model.dtype)
         return custom_all_reduce
 
@@ -102,10 +105,9 @@ class Worker:
         cfg = self.config
         self.cache_engine = CacheEngine(cfg.model.arch, cfg.parallel.tensor_parallel_size, cfg.cache.block_size,
                                         num_gpu_blocks, num_cpu_blocks, self.dtype, self.device)
-        lora = LoRAManager(self.model, cfg.lora.max_loras, cfg.lora.max_lora_rank) if cfg.lora.enable_lora else None
         self.runner = ModelRunner(self.model, self.cache_engine.gpu_cache, cfg.cache.block_size,
                                   self.device, self.rank, seed=cfg.model.seed,
-                                  max_model_len=cfg.model.max_model_len, lora=lora)
+                                  max_model_len=cfg.model.max_model_len, lora=self.lora)
         logger.info("rank %d: KV cache of %d device blocks, %d host blocks", self.rank,
                     num_gpu_blocks, num_cpu_blocks)
         if self.device.type == "cuda" and not cfg.enforce_eager:
@@ -128,6 +130,11 @@ class Worker:
     def flush(self) -> list[ModelRunnerOutput] | None:
         """The output of the last queued step, when no later step will bring it."""
         return self.runner.flush()
+
+    def graph_replays(self) -> dict[tuple[int, bool], int]:
+        """(batch-size bucket, LoRA) -> decode steps its CUDA graph ran (empty when eager)."""
+        graphs = self.runner.graphs if self.runner is not None else None
+        return dict(graphs.replays) if graphs is not None else {}
 
     def start_profile(self) -> None:
         """torch.profiler over the next steps (CPU and device activity)."""

@@ -127,7 +127,8 @@ def _embed_beside_decodes(engine, running: list[int], one_token: list[int]) -> l
 @pytest.mark.parametrize("tp", _tp_sizes())
 def test_lora_equals_merged_weights(ckpts, tp, tmp_path):
     """An adapter on every linear: float32 greedy tokens equal transformers' on the merged
-    weights; its decode steps (all 1-token rows) run eagerly, not as base-weight CUDA graphs."""
+    weights. In bf16 the decode steps with adapter rows replay the LoRA CUDA graphs (every
+    slot, masked per row; the base rows among them too) and stay close to the float32 truth."""
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     adapter, merged = make_lora_adapter(str(tmp_path), ckpts["mistral"], targets, r=8, alpha=16)
     lora = LoRARequest("every", 1, adapter)
@@ -137,7 +138,12 @@ def test_lora_equals_merged_weights(ckpts, tp, tmp_path):
             prompts = _prompts(llm.config.model.arch.vocab_size)[:3]
             outs = llm.generate(prompts, greedy, use_tqdm=False, lora_request=[None, lora, lora])
             alone = llm.generate(prompts[1], greedy, use_tqdm=False, lora_request=lora)[0]  # batch-1 decodes
-        if dtype == "bfloat16":  # close to the float32 truth, as test_bfloat16_logprobs_close_to_transformers
+            replays = llm.engine.executor.run_all("graph_replays")
+        if dtype == "bfloat16":
+            for rank_replays in replays:  # batch 3 in bucket 4, then batch 1, each with an adapter row
+                assert rank_replays.get((4, True), 0) >= NEW_TOKENS // 2 and rank_replays.get((1, True), 0) > 0
+                assert not any(n for (_, with_lora), n in rank_replays.items() if not with_lora)
+            # close to the float32 truth, as test_bfloat16_logprobs_close_to_transformers
             c = outs[2].outputs[0]
             ours = torch.tensor([lp[t] for lp, t in zip(c.logprobs, c.token_ids)])
             assert (ours - torch.tensor(_hf_logprobs_of(merged, prompts[2], c.token_ids))).abs().max() <= 0.3

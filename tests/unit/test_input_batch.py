@@ -65,8 +65,8 @@ def check_inputs(runner: ModelRunner, so, prev) -> object:
     got = runner.prepare_inputs(so, prev)
     m = got.meta
     tables = m.block_tables
-    if got.bucket is not None:  # the graph's buffer: a fixed width; past each row's blocks, unread
-        check_graph_padding(runner.graphs, len(so.req_ids), got.bucket)
+    if got.graph is not None:  # the graph's buffer: a fixed width; past each row's blocks, unread
+        check_graph_padding(runner.graphs, len(so.req_ids), got.graph[0])
         tables = tables[:, :want["block_tables"].shape[1]]
     pairs = [(got.input_ids, "input_ids"), (got.positions, "positions"), (m.slot_mapping, "slot_mapping"),
              (got.logits_indices, "logits_indices"), (tables, "block_tables"),
@@ -76,7 +76,7 @@ def check_inputs(runner: ModelRunner, so, prev) -> object:
     assert got.sample_req_ids == want["sample_ids"]
     every = torch.equal(want["logits_indices"], torch.arange(len(want["input_ids"])))
     assert got.samples_every_token == every
-    bound = runner.graphs.max_model_len if got.bucket is not None else want["max_context_len"]
+    bound = runner.graphs.max_model_len if got.graph is not None else want["max_context_len"]
     assert (m.num_decodes, m.max_query_len, m.max_context_len) == \
         (want["num_decodes"], want["max_query_len"], bound)
     if "plan" in want:
@@ -98,6 +98,7 @@ def check_graph_padding(graphs: DecodeGraphs, b: int, bucket: int) -> None:
     x = graphs.inputs[bucket]
     assert x.n == bucket and (x.slot_mapping[b:] == -1).all() and (x.context_lens[b:] == 1).all()
     assert (x.input_ids[b:] == 0).all() and (x.positions[b:] == 0).all()
+    assert (x.lora_slots == -1).all()  # (no adapters here)
     assert ((x.block_tables[b:, 0] >= 0) & (x.block_tables[b:, 0] < NUM_BLOCKS)).all()
 
 
@@ -105,7 +106,7 @@ def cpu_graphs(max_num_seqs: int, max_model_len: int) -> DecodeGraphs:
     """The decode graphs' input side on the CPU: prepare_inputs takes the graph path (nothing
     replays here; tests/gpu/test_engine_gpu.py runs the graphs themselves)."""
     graphs = DecodeGraphs(None, [], max_num_seqs, max_model_len, BS, torch.device("cpu"))
-    graphs.graphs = dict.fromkeys(graphs.buckets)  # as if captured: bucket() answers
+    graphs.graphs = dict.fromkeys((b, False) for b in graphs.buckets)  # as if captured: bucket() answers
     return graphs
 
 
@@ -129,7 +130,7 @@ def run_engine(sched, runner: ModelRunner, seed: int, depth: int = 2, max_steps:
             seen["mixed"] += 0 < inputs.meta.num_decodes < len(so.req_ids)
             if inputs.meta.prefill is not None:
                 seen["gathered" if inputs.meta.prefill.kv_slots is not None else "in_place"] += 1
-            seen["graph"] += inputs.bucket is not None
+            seen["graph"] += inputs.graph is not None
             logits = torch.randn(len(inputs.sample_req_ids), VOCAB, generator=rng)
         out = runner._finish(prev)
         if out is not None:
