@@ -33,6 +33,15 @@ class NewRequestData:
     pooling_params: PoolingParams | None = None  # an embedding request: its last prompt row's hidden state
     lora_request: LoRARequest | None = None  # the adapter it runs with
 
+    @classmethod
+    def from_seq(cls, seq, group) -> "NewRequestData":
+        """A driver Sequence of SequenceGroup `group`, in full."""
+        return cls(req_id=seq.seq_id, token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
+                   block_ids=list(seq.block_table), num_computed_tokens=seq.num_computed_tokens,
+                   sampling_params=group.sampling_params, seq_index=seq.seq_index,
+                   stop_token_ids=group.stop_token_ids, pooling_params=group.pooling_params,
+                   lora_request=group.lora_request)
+
 
 @dataclass
 class CachedRequestData:

@@ -314,19 +314,6 @@ class Scheduler:
             self._track(child, group, arrival)
             bisect.insort(self.running, child, key=self._key)
 
-    def _new_request_data(self, seq: Sequence) -> NewRequestData:
-        # Only a sequence with nothing pending is sent in full (a fresh copy on the
-        # workers would lack the pending token): copy-on-write happens only at a
-        # child's first step, and resumed sequences got their token before resuming.
-        assert not seq.num_pending, f"{seq.seq_id} sent in full with a token in flight"
-        group = self._group_of[seq.seq_id]
-        return NewRequestData(
-            req_id=seq.seq_id, token_ids=list(seq.token_ids),
-            num_prompt_tokens=seq.num_prompt_tokens, block_ids=list(seq.block_table),
-            num_computed_tokens=seq.num_computed_tokens, sampling_params=group.sampling_params,
-            seq_index=seq.seq_index, stop_token_ids=group.stop_token_ids, pooling_params=group.pooling_params,
-            lora_request=group.lora_request)
-
     def _build_output(self, out: SchedulerOutput, scheduled: list,
                       resend: set) -> list[tuple[Sequence, int, bool]]:
         # Decodes (exactly one uncomputed token) first, then prefill chunks; stable order.
@@ -344,7 +331,11 @@ class Scheduler:
                 seq.num_tokens_sent = seq.num_blocks_sent = 0
             num_tokens, table = len(seq.token_ids), seq.block_table
             if seq.num_tokens_sent == 0:
-                out.new_reqs.append(self._new_request_data(seq))
+                # Only a sequence with nothing pending is sent in full (a fresh copy on the
+                # workers would lack the pending token): copy-on-write happens only at a
+                # child's first step, and resumed sequences got their token before resuming.
+                assert not seq.num_pending, f"{seq.seq_id} sent in full with a token in flight"
+                out.new_reqs.append(NewRequestData.from_seq(seq, self._group_of[seq.seq_id]))
             else:
                 assert seq.num_tokens_sent == num_tokens, "workers know every known token"
                 cached.append(CachedRequestData(seq.seq_id, table[seq.num_blocks_sent:],

@@ -36,7 +36,7 @@ MIN_PARTITION_TOKENS = 256
 # group 4, 2048-token graph bound): batch 1 at context 576 0.247 -> 0.211 ms, at 1500
 # 0.261 -> 0.228; batch 4 at 576 0.345 -> 0.361, so batches above 1 keep the reduce kernel.
 CLUSTER_MERGE = True
-_SOURCE = "warp_ptx.cu+paged_attention.cu"  # the kernels, behind their PTX wrappers
+_SOURCE = "warp_ptx.cu+paged_attention.cu+paged_attention_reduce.cu"  # the kernels, behind their PTX wrappers
 
 
 def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
