@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from driver.config import EngineConfig
 from driver.detokenizer import IncrementalDetokenizer, find_stop
+from driver.guided import set_vocab, structured_regex, token_bytes
 from driver.lora import LoRARequest, check_adapter
 from driver.metrics import EngineMetrics
 from driver.outputs import CompletionOutput, RequestOutput
@@ -51,6 +52,9 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer)
         self.executor = RayExecutor(config)
+        vocab = token_bytes(self.tokenizer)  # structured outputs: the driver and rank 0 read token bytes
+        set_vocab(vocab)
+        self.executor.run_all("set_guided_vocab", vocab)
         eos = tuple(config.model.arch.eos_token_ids) or _tokenizer_eos(self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, config.cache, config.model.max_model_len,
                                    self.executor.num_gpu_blocks, self.executor.num_cpu_blocks,
@@ -94,6 +98,8 @@ class LLMEngine:
         if params.guided_choice is not None:  # each choice as the tokenizer spells it
             params = dataclasses.replace(params, choice_token_ids=tuple(
                 tuple(self.tokenizer.encode(c, add_special_tokens=False)) for c in params.guided_choice))
+        if params.guided_regex is not None or params.guided_json is not None:
+            params = dataclasses.replace(params, structured_regex=structured_regex(params))
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -182,14 +182,32 @@ def _tools(body: dict, tool_parser: str | None) -> tuple[list[dict] | None, bool
     return tools, True
 
 
-def _guided_choice(body: dict) -> list | None:
-    """vLLM's structured output by choice: structured_outputs.choice, or the older guided_choice."""
+def _structured(body: dict) -> dict:
+    """Structured outputs as SamplingParams fields: vLLM's structured_outputs (choice, regex,
+    json), its older guided_choice / guided_regex / guided_json, or OpenAI's response_format
+    (json_schema: that schema; json_object: any JSON object)."""
     structured = _field(body, "structured_outputs", (dict,), {})
-    unknown = sorted(set(structured) - {"choice"})
+    unknown = sorted(set(structured) - {"choice", "regex", "json"})
     if unknown:
-        raise APIError(f"structured_outputs supports only 'choice' (got {unknown}); raytp has no grammar "
-                       f"engine for json, regex or grammar constraints", param="structured_outputs")
-    return structured.get("choice") or _field(body, "guided_choice", (list,), None)
+        raise APIError(f"structured_outputs supports 'choice', 'regex' and 'json' (got {unknown}); raytp has "
+                       f"no grammar engine for EBNF or structural tags", param="structured_outputs")
+    out = {"guided_choice": structured.get("choice", _field(body, "guided_choice", (list,))),
+           "guided_regex": structured.get("regex", _field(body, "guided_regex", (str,))),
+           "guided_json": structured.get("json", _field(body, "guided_json", (dict, str)))}
+    fmt = _field(body, "response_format", (dict,), {})
+    kind = fmt.get("type", "text")
+    if kind == "json_object":
+        out["guided_json"] = {"type": "object"}
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+            raise APIError("'response_format' of type 'json_schema' needs {'json_schema': {'name': ..., "
+                           "'schema': {...}}}", param="response_format")
+        out["guided_json"] = spec["schema"]
+    elif kind != "text":
+        raise APIError("'response_format' type must be 'text', 'json_object' or 'json_schema'",
+                       param="response_format")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _prompt_logprobs(body: dict, stream: bool) -> int | None:
@@ -208,9 +226,6 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, v
     best_of = _field(body, "best_of", (int,), n)
     if best_of != n:
         raise APIError("'best_of' must equal 'n' (raytp returns every sampled completion)", param="best_of")
-    fmt = _field(body, "response_format", (dict,), {})
-    if fmt.get("type", "text") != "text":
-        raise APIError("'response_format' supports only {'type': 'text'}", param="response_format")
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     stop_ids = _field(body, "stop_token_ids", (list,), [])
@@ -230,7 +245,7 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, v
             skip_special_tokens=_field(body, "skip_special_tokens", (bool,), True),
             logit_bias=_field(body, "logit_bias", (dict,)),
             include_stop_str_in_output=_field(body, "include_stop_str_in_output", (bool,), False),
-            guided_choice=_guided_choice(body),
+            **_structured(body),
             allowed_token_ids=_field(body, "allowed_token_ids", (list,)))
         check_token_ids_in_vocab(params, vocab_size)
         return params

@@ -31,6 +31,12 @@ class SamplingParams:
     guided_choice: tuple[str, ...] | None = None
     # guided_choice as token ids, set by the engine from its tokenizer (each string's own tokens).
     choice_token_ids: tuple[tuple[int, ...], ...] | None = None
+    # Structured output by pattern (vLLM's guided_regex / guided_json): the whole completion
+    # matches the regex / is JSON the schema (a dict or its JSON text) allows.
+    guided_regex: str | None = None
+    guided_json: dict | str | None = field(default=None, hash=False)
+    # The regex the completion must match (guided_regex, or guided_json's), set by the engine.
+    structured_regex: str | None = None
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     detokenize: bool = True  # False: token ids only (benchmarks); stop strings need text
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -77,6 +83,9 @@ class SamplingParams:
             ("guided_choice", self.guided_choice is None or (
                 self.guided_choice and all(isinstance(c, str) and c for c in self.guided_choice)),
              "must be a non-empty list of non-empty strings"),
+            ("guided_regex", self.guided_regex is None or isinstance(self.guided_regex, str), "must be a string"),
+            ("guided_json", self.guided_json is None or isinstance(self.guided_json, (dict, str, bool)),
+             "must be a JSON schema (an object, or its JSON text)"),
             ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
                 isinstance(self.truncate_prompt_tokens, int) and self.truncate_prompt_tokens >= 1), "must be >= 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
@@ -92,6 +101,9 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+        guided = [n for n in ("guided_choice", "guided_regex", "guided_json") if getattr(self, n) is not None]
+        if len(guided) > 1:
+            raise ValueError(f"SamplingParams: give at most one of {guided}")
         if self.stop and not self.detokenize:
             raise ValueError("SamplingParams.stop needs detokenize=True (stop strings match text)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

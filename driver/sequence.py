@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from driver.guided import GuidedCursor, fsm_for
 from driver.lora import LoRARequest
 from driver.sampling_params import PoolingParams, SamplingParams
 
@@ -50,6 +51,7 @@ class Sequence:
     # forward of the prompt tokens whose logprobs it wants (its blocks still enter the cache).
     reads_prefix_cache: bool = True
     lora_id: int = 0  # its adapter (0: none): K/V under one adapter are no prefix of another's
+    guided: GuidedCursor | None = field(default=None, repr=False)  # structured outputs: its DFA state
 
     @property
     def num_tokens(self) -> int:
@@ -132,6 +134,11 @@ class SequenceGroup:
             return SequenceStatus.FINISHED_STOPPED
         if p.choice_token_ids is not None and choice_complete(p.choice_token_ids, seq.output_token_ids):
             return SequenceStatus.FINISHED_STOPPED
+        if p.structured_regex is not None:  # a whole match that nothing can extend
+            if seq.guided is None:
+                seq.guided = GuidedCursor(fsm_for(p.structured_regex))
+            if seq.guided.complete(seq.output_token_ids):
+                return SequenceStatus.FINISHED_STOPPED
         if p.max_tokens is not None and num_output >= p.max_tokens:
             return SequenceStatus.FINISHED_LENGTH
         if num_tokens >= max_model_len:

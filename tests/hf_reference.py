@@ -64,3 +64,29 @@ def hf_greedy_choice(ckpt: str, prompt_ids: list[int], choices: list[list[int]],
         out.append(max(sorted(allowed), key=lambda t: float(logits[t])))
         if out[-1] in stop_ids:
             return out
+
+
+@torch.inference_mode()
+def hf_greedy_regex(ckpt: str, prompt_ids: list[int], pattern: str, token_texts: list[str | None],
+                    stop_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy decoding whose output text stays a prefix of a full match of `pattern`, decided
+    by the `regex` module's partial matching (independent of raytp's automata): the argmax
+    over the tokens that keep a possible match (and the stop ids where the text is a match),
+    until a stop id, max_tokens, or a match no token can extend. token_texts: each token's
+    text (None: never allowed)."""
+    import regex
+
+    model, out, text = hf_model(ckpt), [], ""
+    candidates = [(t, s) for t, s in enumerate(token_texts) if s]
+    while len(out) < max_tokens:
+        allowed = [t for t, s in candidates if regex.fullmatch(pattern, text + s, partial=True)]
+        if regex.fullmatch(pattern, text):
+            if not allowed:
+                return out
+            allowed += stop_ids
+        logits = model(torch.tensor([prompt_ids + out])).logits[0, -1]
+        out.append(max(sorted(allowed), key=lambda t: float(logits[t])))
+        if out[-1] in stop_ids:
+            return out
+        text += token_texts[out[-1]]
+    return out

@@ -8,8 +8,10 @@ from __future__ import annotations
 from itertools import chain
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from driver.guided import GuidedCursor, fsm_for
 from driver.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -31,13 +33,19 @@ def has_penalties(params: SamplingParams) -> bool:
 
 def has_logit_rules(params: SamplingParams) -> bool:
     return (params.logit_bias is not None or params.allowed_token_ids is not None
-            or params.choice_token_ids is not None)
+            or params.choice_token_ids is not None or params.structured_regex is not None)
 
 
-def allowed_ids(row: SamplingRow) -> list[int] | None:
-    """The tokens a row may sample by its allowed_token_ids, or by guided_choice: the next
-    token of each choice its output is a prefix of, and its stop ids once it is a whole choice."""
+def allowed_ids(row: SamplingRow) -> list[int] | np.ndarray | None:
+    """The tokens a row may sample by its allowed_token_ids; by guided_choice: the next token
+    of each choice its output is a prefix of, and its stop ids once it is a whole choice; by
+    a structured-output regex: the tokens that keep its output a prefix of a match, and its
+    stop ids where the output is a match."""
     p = row.params
+    if p.structured_regex is not None:
+        if row.guided is None:
+            row.guided = GuidedCursor(fsm_for(p.structured_regex))
+        return row.guided.allowed(row.output_token_ids, row.stop_token_ids)
     if p.choice_token_ids is None:
         return None if p.allowed_token_ids is None else list(p.allowed_token_ids)
     out = tuple(row.output_token_ids)
@@ -99,14 +107,16 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 
 def apply_allowed_token_ids(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """In place: -inf outside the tokens a row may sample (allowed_token_ids, guided_choice)."""
+    """In place: -inf outside the tokens a row may sample (allowed_token_ids, guided_choice,
+    structured outputs)."""
     allowed = {i: ids for i, r in enumerate(rows) if (ids := allowed_ids(r)) is not None}
     if not allowed:
         return logits
     idx, vocab_size = list(allowed), logits.shape[-1]
     keep = torch.zeros(len(idx), vocab_size, dtype=torch.bool)
     for j, i in enumerate(idx):
-        keep[j, [t for t in allowed[i] if t < vocab_size]] = True
+        ids = np.asarray(allowed[i], dtype=np.int64)
+        keep[j, torch.from_numpy(ids[ids < vocab_size])] = True
     idx_t = index_tensor(idx, logits.device)
     sub = logits.index_select(0, idx_t).masked_fill_(~keep.to(logits.device, non_blocking=True), float("-inf"))
     logits.index_copy_(0, idx_t, sub)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from driver.guided import GuidedCursor
 from driver.sampling_params import SamplingParams
 from ops.dispatch import ops_for
 from workers.logits_processors import (has_logit_rules, has_penalties, index_tensor, is_greedy,
@@ -49,6 +50,7 @@ class SamplingRow:
     # Greedy, no logprobs, no penalties, no min_tokens: an argmax whatever the token ids.
     # Derived from params alone (which never change), so it can be computed once.
     plain: bool = field(init=False, repr=False, compare=False)
+    guided: GuidedCursor | None = field(default=None, init=False, repr=False, compare=False)  # its DFA state
 
     def __post_init__(self) -> None:
         p = self.params

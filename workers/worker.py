@@ -14,6 +14,7 @@ import socket
 
 import torch
 
+from driver import guided
 from driver.config import EngineConfig
 from driver.protocol import ModelRunnerOutput, SchedulerOutput
 from cache_engine.cache_engine import CacheEngine, num_blocks_for_bytes
@@ -130,6 +131,11 @@ class Worker:
     def flush(self) -> list[ModelRunnerOutput] | None:
         """The output of the last queued step, when no later step will bring it."""
         return self.runner.flush()
+
+    def set_guided_vocab(self, token_bytes: list[bytes | None]) -> None:
+        """Each token id's bytes, for structured outputs' masks (rank 0 samples)."""
+        if self.rank == 0:
+            guided.set_vocab(token_bytes)
 
     def graph_replays(self) -> dict[tuple[int, bool], int]:
         """(batch-size bucket, LoRA) -> decode steps its CUDA graph ran (empty when eager)."""

@@ -2,7 +2,9 @@
 outputs equal Hugging Face's, streaming equals whole responses, bad input gets OpenAI's
 error body, overload is refused at once, a disconnect frees the KV blocks, and a dead
 worker is an error (never a hang) after which Serve brings up a fresh engine."""
+import json
 import os
+import re
 import random
 import time
 
@@ -220,8 +222,32 @@ def test_guided_choice(client):
         out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Rate it"}],
                                              n=3, extra_body=body)
         assert all(c.message.content in choices and c.finish_reason == "stop" for c in out.choices)
-    with pytest.raises(openai.BadRequestError, match="supports only 'choice'"):
-        client.completions.create(model=MODEL, prompt="hi", extra_body={"structured_outputs": {"json": {}}})
+    with pytest.raises(openai.BadRequestError, match="supports 'choice', 'regex' and 'json'"):
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"structured_outputs": {"grammar": "x"}})
+
+
+def test_structured_outputs(client):
+    """OpenAI's response_format (json_schema, json_object) and vLLM's regex / json fields: the
+    replies that end do so as their pattern completes, and parse."""
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer"}},
+              "required": ["answer", "n"]}
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Answer"}], max_tokens=60, seed=1)
+    out = client.chat.completions.create(
+        n=4, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}, **chat)
+    done = [json.loads(c.message.content) for c in out.choices if c.finish_reason == "stop"]
+    assert done and all(d["answer"] in ("yes", "no") and isinstance(d["n"], int) for d in done)
+    free = client.chat.completions.create(n=4, response_format={"type": "json_object"}, **chat)
+    assert all(isinstance(json.loads(c.message.content), dict) for c in free.choices if c.finish_reason == "stop")
+    for body in ({"guided_regex": "[0-9]{3}"}, {"structured_outputs": {"regex": "[0-9]{3}"}}):
+        text = client.completions.create(model=MODEL, prompt="hi", max_tokens=8, extra_body=body).choices[0].text
+        assert re.fullmatch("[0-9]{3}", text)
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model=MODEL, prompt="hi", max_tokens=8, stream=True, extra_body={"guided_json": {"type": "boolean"}}))
+    assert streamed in ("true", "false")
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"guided_json": {"type": "object", "not": {}}})
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        client.chat.completions.create(response_format={"type": "json_schema"}, **chat)
 
 
 def test_a_stream_never_sends_part_of_a_stop_string(client):

@@ -1,0 +1,95 @@
+"""driver/guided: JSON schemas as regexes (valid instances match, written compactly or with
+spaces; invalid ones do not; unsupported schemas are refused by name), and the token level:
+a state's allowed tokens are exactly those whose bytes keep the DFA alive (brute force over
+the test tokenizer's vocabulary), stop ids join only where the output is a match."""
+import json
+
+import numpy as np
+import pytest
+
+from driver.guided import GuidedCursor, TokenFSM, Vocab, token_bytes
+from driver.guided.json_schema import SchemaError, free_json_regex, schema_to_regex
+from driver.guided.regex import DEAD, DFA
+from tests.checkpoints import fresh_tokenizer
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"},
+                   "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 2},
+                   "ok": {"type": ["boolean", "null"]}, "pet": {"$ref": "#/$defs/pet"},
+                   "score": {"type": "number"}},
+    "required": ["name", "age"],
+    "$defs": {"pet": {"anyOf": [{"const": "none"}, {"type": "object", "properties": {"kind": {"type": "string"}},
+                                                     "required": ["kind"]}]}},
+}
+GOOD = [{"name": "bo", "age": 3}, {"name": "", "age": -3, "ok": None}, {"name": "x\"é", "age": 0, "tags": ["a"]},
+        {"name": "x", "age": 1, "tags": ["b", "a"], "ok": True, "pet": {"kind": "cat"}, "score": -1.5e3},
+        {"name": "x", "age": 1, "pet": "none", "score": 2}]
+BAD = [{"age": 3, "name": "bo"}, {"name": "bo"}, {"name": "bo", "age": 3.5}, {"name": "bo", "age": 3, "tags": []},
+       {"name": "bo", "age": 3, "tags": ["a", "b", "a"]}, {"name": "012345678", "age": 1},
+       {"name": "bo", "age": 1, "pet": {}}, {"name": "bo", "age": 1, "extra": 1}, {"name": "bo", "age": "1"}]
+
+
+def _texts(value) -> list[str]:
+    return [json.dumps(value, ensure_ascii=False, separators=sep) for sep in ((",", ":"), (", ", ": "))]
+
+
+def test_schema_regex_accepts_exactly_the_valid_instances():
+    dfa = DFA(schema_to_regex(PERSON))
+    assert all(dfa.fullmatch(t) for v in GOOD for t in _texts(v))
+    assert not any(dfa.fullmatch(t) for v in BAD for t in _texts(v))
+    assert DFA(schema_to_regex(json.dumps({"type": "string", "pattern": "^[a-z]{2}$"}))).fullmatch('"ab"')
+
+
+def test_free_json_nests_four_levels():
+    obj = DFA(free_json_regex())
+    assert obj.fullmatch('{"a": {"b": [{"c": null}]}, "d": [true, "x", 1.5]}') and obj.fullmatch("{}")
+    assert not obj.fullmatch('{"a": {"b": [{"c": [1]}]}}') and not obj.fullmatch("[1]")
+    assert DFA(schema_to_regex({"type": "object"})).fullmatch('{"k": [1, {"z": false}]}')
+
+
+@pytest.mark.parametrize("schema, why", [
+    ({"type": "string", "format": "email", "contentEncoding": "x"}, "contentEncoding"),
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}}, "recursive"),
+    ({"$ref": "#/$defs/missing"}, "does not point"), ({"type": "object", "properties": {}, "required": ["x"]}, "required"),
+    ({"type": "tuple"}, "'tuple'"), ({"allOf": [{}, {}]}, "allOf"), ("{not json", "not valid JSON"),
+])
+def test_unsupported_schemas_are_refused(schema, why):
+    with pytest.raises(SchemaError, match=why):
+        schema_to_regex(schema)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fresh_tokenizer()
+
+
+def test_token_bytes_spell_each_token(tokenizer):
+    tb = token_bytes(tokenizer)
+    assert all(tb[i] is None for i in tokenizer.all_special_ids)
+    for tid, data in enumerate(tb):
+        if data is not None and tokenizer.decode([tid]).strip():
+            assert data.decode("utf-8", "replace").strip() == tokenizer.decode([tid]).strip()
+
+
+def test_allowed_tokens_equal_brute_force(tokenizer):
+    vocab = Vocab(token_bytes(tokenizer))
+    fsm = TokenFSM(schema_to_regex(PERSON), vocab)
+    state, text = 0, '{"name": "the cat", "age": 42, "tags": ["a"]}'
+    for tid in tokenizer.encode(text, add_special_tokens=False):
+        brute = [t for t, data in enumerate(vocab.token_bytes) if data and fsm.dfa.walk(state, data) != DEAD]
+        assert fsm.allowed(state).tolist() == brute and tid in brute
+        state = fsm.advance(state, tid)
+    assert fsm.dfa.is_final(state)  # the object is closed
+
+
+def test_cursor_allows_stop_ids_at_matches_only(tokenizer):
+    vocab = Vocab(token_bytes(tokenizer))
+    cursor = GuidedCursor(TokenFSM(r"(yes|no)[0-9]?", vocab))
+    ids = tokenizer.encode("yes", add_special_tokens=False)
+    assert 999 not in cursor.allowed([], (999,))
+    assert 999 in cursor.allowed(ids, (999,)) and not cursor.complete(ids)
+    done = ids + tokenizer.encode("7", add_special_tokens=False)
+    assert cursor.complete(done) and cursor.allowed(done, (999,)).tolist() == [999]
+    assert cursor.allowed(done + done, (999,)) is None  # past the end: a token sampled in flight
+    assert isinstance(GuidedCursor(TokenFSM("a", vocab)).allowed([], ()), np.ndarray)

@@ -1,0 +1,58 @@
+"""driver/guided/regex.py: the byte DFA of a pattern accepts exactly the strings Python's re
+(ASCII mode, DOTALL off) fully matches, on random strings over an alphabet that includes the
+pattern's characters, multi-byte UTF-8 characters and newlines; unsupported syntax is refused
+with a reason."""
+import random
+import re
+
+import pytest
+
+from driver.guided.regex import DEAD, DFA, RegexError
+
+# (pattern, strings it must match): each also meets random strings, which re decides.
+PATTERNS = [
+    (r"[a-z]+@[a-z]+\.com", ["ab@cd.com"]), (r"(ab|cd)*e?", ["", "abcde"]), (r"\d{3}-\d{2,4}", ["123-45"]),
+    (r'"(?:[^"\\]|\\.)*"', ['"a\\"é"']), (r"x{0,3}y", ["xxy"]), (r"x{2,}", ["xxxx"]),
+    (r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?", ["-10.5"]), (r"[^a-c]+", ["xé!"]), (r"a.b", ["aéb", "a b"]),
+    (r"\w+\s\W", ["ab_1 é"]), (r"^(?P<n>foo)|bar$", ["foo", "bar"]), (r"[\W\d]{2}", ["1é"]),
+    (r"[éa-c]x", ["éx", "bx"]), (r"[^\S]", ["\n"]), (r"caf[é]{1,2}", ["caféé"]), (r"a+?b*?", ["aab"]),
+    (r"\x41\u00e9", ["Aé"]), (r"(?:é|ü)+.", ["éüé\t"]), (r"[-a]\]|\.\*", ["-]", ".*"]), (r"", [""]),
+]
+ALPHABET = 'abcdefoxyz0123456789-.@"\\ _!*]éüA\n'
+
+
+@pytest.mark.parametrize("pattern, examples", PATTERNS)
+def test_dfa_equals_python_re(pattern, examples):
+    dfa, ref = DFA(pattern), re.compile(pattern, re.ASCII)
+    rng = random.Random(pattern)
+    own = [c for c in pattern if c.isprintable()] or ["a"]
+    texts = examples + ["".join(rng.choice(own if k % 2 else ALPHABET) for _ in range(rng.randint(0, 7)))
+                        for k in range(3000)]
+    for text in texts:
+        want = ref.fullmatch(text) is not None
+        assert dfa.fullmatch(text) == want, (pattern, text, want)
+    assert all(dfa.fullmatch(t) for t in examples)
+
+
+def test_walks_bytes_and_ends():
+    dfa = DFA(r"(yes|no)!")
+    state = dfa.walk(0, b"ye")
+    assert state != DEAD and not dfa.accepting[state]
+    assert dfa.walk(state, b"x") == DEAD
+    done = dfa.walk(state, b"s!")
+    assert dfa.accepting[done] and dfa.is_final(done)
+    digits = DFA(r"[0-9]+")
+    assert not digits.is_final(digits.walk(0, b"12"))  # a match, but more digits may follow
+    e = DFA("é")
+    split = e.walk(0, "é".encode()[:1])  # a token may end inside a character
+    assert split != DEAD and e.is_final(e.walk(split, "é".encode()[1:]))
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("(?=a)b", "lookaround"), (r"(a)\1", "unsupported escape"), ("a{3,1}", "bad count"), ("*a", "nothing to repeat"),
+    ("(ab", "unexpected end"), ("ab)", "unbalanced"), ("[^é]", "negated class"), ("[é-ü]", "range"), ("a{x}", "count"),
+    ("a{0,100000}", "too large"),
+])
+def test_refuses_what_it_cannot_do(pattern, why):
+    with pytest.raises(RegexError, match=why):
+        DFA(pattern)
