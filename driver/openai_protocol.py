@@ -7,11 +7,13 @@ whose meaning raytp does not implement (suffix, the deprecated functions, ...) a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
 from driver.sampling_params import SamplingParams, check_token_ids_in_vocab
 from driver.tokenizer import apply_chat_template, encode_prompt
+from driver.tool_parsers import ForcedToolCalls, get_tool_parser
 
 MAX_TOP_LOGPROBS = 20
 _UNSUPPORTED = ("suffix", "functions", "function_call")
@@ -41,7 +43,7 @@ class ParsedRequest:
     echo: bool = False
     logprobs: bool = False  # chat: return logprobs (params.logprobs is the top-k count)
     prompt_logprobs: int | None = None  # vLLM's extension: return them, with this top-k
-    tool_parser: str | None = None  # chat with tools, tool_choice "auto": parse calls out of the reply
+    tool_parser: object | None = None  # chat with tools: parses the calls out of the reply (driver/tool_parsers.py)
     priority: int = 0  # vLLM's extension, with --scheduling-policy priority: lower first
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
 
@@ -160,8 +162,10 @@ def _template_tool_calls(calls, i: int) -> list[dict]:
     return out
 
 
-def _tools(body: dict, tool_parser: str | None) -> tuple[list[dict] | None, bool]:
-    """The request's tools (for the template) and whether to parse tool calls out of the reply."""
+def _tools(body: dict, tool_parser: str | None) -> tuple[list[dict] | None, object | None]:
+    """The request's tools (for the template) and the parser of its reply's tool calls: the
+    server's --tool-call-parser for tool_choice "auto", ForcedToolCalls for "required" or a
+    named function (structured outputs then force the calls), None for "none"."""
     tools = _field(body, "tools", (list,), None)
     for t in tools or ():
         if not (isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
@@ -170,16 +174,26 @@ def _tools(body: dict, tool_parser: str | None) -> tuple[list[dict] | None, bool
                            param="tools")
     choice = body.get("tool_choice") or ("auto" if tools else "none")
     if choice == "none":
-        return tools, False
+        return tools, None
     if not tools:
         raise APIError("'tool_choice' needs 'tools'", param="tool_choice")
-    if choice != "auto":  # "required" or a named function
-        raise APIError("'tool_choice' may be 'auto' or 'none': raytp cannot force a tool call (that needs "
-                       "structured outputs)", param="tool_choice")
+    if choice == "required":
+        return tools, ForcedToolCalls(tools)
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError("a named 'tool_choice' is {'type': 'function', 'function': {'name': ...}}",
+                           param="tool_choice")
+        try:
+            return tools, ForcedToolCalls(tools, fn["name"])
+        except ValueError as e:
+            raise APIError(str(e), param="tool_choice") from None
+    if choice != "auto":
+        raise APIError("'tool_choice' must be 'none', 'auto', 'required' or a named function", param="tool_choice")
     if tool_parser is None:
         raise APIError("\"auto\" tool choice needs the server started with --enable-auto-tool-choice and "
                        "--tool-call-parser (hermes or llama3_json)", param="tool_choice")
-    return tools, True
+    return tools, get_tool_parser(tool_parser)
 
 
 def _structured(body: dict) -> dict:
@@ -310,7 +324,7 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
                served_model_name: str | tuple[str, ...], tool_parser: str | None = None) -> ParsedRequest:
     """tool_parser: the server's --tool-call-parser when --enable-auto-tool-choice is on."""
     model = check_model(body, served_model_name)
-    tools, parse_calls = _tools(body, tool_parser)
+    tools, calls_parser = _tools(body, tool_parser)
     prompts, texts = [_check_ids(_chat_ids(body, tokenizer, tools), vocab_size)], [None]
     _truncate(body, prompts, texts)
     [ids] = prompts
@@ -324,8 +338,13 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     stream, usage, continuous = _stream_options(body)
     prompt_k = _prompt_logprobs(body, stream)
     params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, vocab_size, prompt_k)
+    if isinstance(calls_parser, ForcedToolCalls):
+        if params.guided_json is not None or params.guided_regex is not None or params.guided_choice is not None:
+            raise APIError("a forced 'tool_choice' ('required' or a named function) sets the reply's structure "
+                           "itself: leave out response_format and the guided fields", param="tool_choice")
+        params = dataclasses.replace(params, guided_json=calls_parser.schema())
     return ParsedRequest(model, prompts, texts, params, stream, usage, logprobs=want_logprobs,
-                         prompt_logprobs=prompt_k, tool_parser=tool_parser if parse_calls else None,
+                         prompt_logprobs=prompt_k, tool_parser=calls_parser,
                          priority=_field(body, "priority", (int,), 0), continuous_usage=continuous)
 
 

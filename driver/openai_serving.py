@@ -27,7 +27,6 @@ from driver.outputs import CompletionOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
 from driver.tokenizer import load_tokenizer
 from driver.reasoning_parsers import Spans, get_reasoning_parser
-from driver.tool_parsers import get_tool_parser
 
 
 def engine_error(e: Exception) -> APIError:
@@ -248,7 +247,7 @@ class OpenAIServing:
         if self.reasoning_parser:
             message["reasoning_content"], message["content"] = get_reasoning_parser(self.reasoning_parser).split(c.text)
         if req.tool_parser and message["content"]:
-            content, calls = get_tool_parser(req.tool_parser).extract(message["content"])
+            content, calls = req.tool_parser.extract(message["content"])
             if calls:
                 return {**message, "content": content, "tool_calls": calls}, "tool_calls"
         return message, c.finish_reason
@@ -300,10 +299,9 @@ class OpenAIServing:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _stream_tool_calls(parser_name: str, text: str, finished: bool) -> tuple[int, list[dict] | None]:
+def _stream_tool_calls(parser, text: str, finished: bool) -> tuple[int, list[dict] | None]:
     """How much of the (content) text a stream may send by now, and the tool calls once the
     choice ended with some (its content is then the text before them)."""
-    parser = get_tool_parser(parser_name)
     cut = parser.tool_start(text)
     if cut is None:
         return len(text), None

@@ -7,6 +7,9 @@ A parser knows one model family's format:
 - `llama3_json` (Llama 3.1/3.2): the whole reply is `{"name": ..., "parameters": {...}}`
   (several joined by `;`), optionally after `<|python_tag|>`.
 
+`ForcedToolCalls` serves tool_choice "required" and named functions: structured outputs
+make the whole reply the calls' JSON, for any model.
+
 `extract(text)` splits a finished reply into its content (None when empty) and its calls;
 a reply whose calls do not parse is all content, as vLLM treats it. For streaming,
 `tool_start(text)` says where a call may begin in the text so far (None: not yet), so
@@ -97,6 +100,39 @@ class Llama3JsonToolParser:
         return None, calls
 
 
+class ForcedToolCalls:
+    """tool_choice "required" or a named function (vLLM's way): structured outputs force the
+    reply to be JSON of `schema()`, every bit of it calls: for "required" a list of
+    {"name", "parameters"} (one or more), for a named function its arguments object. A reply
+    cut short (max_tokens) does not parse and stays content."""
+
+    def __init__(self, tools: list[dict], name: str | None = None):
+        self.params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
+                       for t in tools}
+        if name is not None and name not in self.params:
+            raise ValueError(f"tool_choice names function {name!r}, which is not among 'tools'")
+        self.name = name
+
+    def schema(self) -> dict:
+        if self.name is not None:
+            return self.params[self.name]
+        calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
+                  "required": ["name", "parameters"]} for n, p in self.params.items()]
+        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+
+    def tool_start(self, text: str) -> int:
+        return 0
+
+    def extract(self, text: str) -> tuple[str | None, list[dict]]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        if self.name is not None:
+            return None, [tool_call(self.name, value)]
+        return None, [tool_call(c["name"], c["parameters"]) for c in value]
+
+
 TOOL_PARSERS = {p.name: p for p in (HermesToolParser, Llama3JsonToolParser)}
 
 
@@ -106,4 +142,5 @@ def get_tool_parser(name: str):
     return TOOL_PARSERS[name]()
 
 
-__all__ = ["TOOL_PARSERS", "get_tool_parser", "tool_call", "HermesToolParser", "Llama3JsonToolParser"]
+__all__ = ["TOOL_PARSERS", "get_tool_parser", "tool_call", "ForcedToolCalls", "HermesToolParser",
+           "Llama3JsonToolParser"]

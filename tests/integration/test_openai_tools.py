@@ -1,6 +1,7 @@
 """Tool calling through the OpenAI API (vLLM's --enable-auto-tool-choice --tool-call-parser
 hermes), end to end: a scripted checkpoint whose greedy reply to any chat is a Hermes-style
-tool call, served by Ray Serve, read with the official `openai` client, whole and streamed."""
+tool call, served by Ray Serve, read with the official `openai` client, whole and streamed;
+and tool_choice "required" / named functions, forced by structured outputs."""
 import json
 
 import httpx
@@ -76,8 +77,39 @@ def test_without_tools_the_reply_is_text(client, url):
     assert with_tools["count"] > plain["count"] + 20  # the template lists the tools
 
 
-def test_forced_tool_choice_is_refused_with_the_reason(client):
-    with pytest.raises(openai.BadRequestError, match="cannot force a tool call"):
-        client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required")
+def test_forced_tool_choice_makes_the_reply_the_calls(client):
+    """tool_choice "required" / a named function: structured outputs force the calls' JSON (no
+    tool parser involved), whatever the model prefers; they come back as tool_calls."""
+    # (enums, not free strings: this model's random words would run to max_tokens)
+    units = {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"]}
+    cities = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": name, "parameters": params}}
+             for name, params in (("get_weather", cities), ("get_time", units))]
+    kw = dict(model=MODEL, messages=ASK, tools=tools, temperature=1.0, seed=2, n=4, max_tokens=200)
+    named = client.chat.completions.create(tool_choice={"type": "function", "function": {"name": "get_time"}}, **kw)
+    required = client.chat.completions.create(tool_choice="required", **kw)
+    finished = [c for out in (named, required) for c in out.choices if c.finish_reason == "tool_calls"]
+    assert sum(c in named.choices for c in finished) >= 2 and sum(c in required.choices for c in finished) >= 2
+    for c in finished:
+        assert c.message.content is None and c.message.tool_calls
+        for call in c.message.tool_calls:
+            args = json.loads(call.function.arguments)
+            assert call.function.name == "get_time" if c in named.choices else call.function.name in ("get_weather",
+                                                                                                    "get_time")
+            assert args in ({"unit": "c"}, {"unit": "f"}) if call.function.name == "get_time" else \
+                args["city"] in ("Paris", "Rome")
+    chunks = list(client.chat.completions.create(stream=True, **{**kw, "n": 1}, tool_choice={
+        "type": "function", "function": {"name": "get_time"}}))
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [tc.function.name for tc in calls] == ["get_time"] and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_bad_tool_choice_is_refused_with_the_reason(client):
+    with pytest.raises(openai.BadRequestError, match="not among 'tools'"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(openai.BadRequestError, match="leave out response_format"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       response_format={"type": "json_object"})
     with pytest.raises(openai.BadRequestError, match="'tool_choice' needs 'tools'"):
         client.chat.completions.create(model=MODEL, messages=ASK, tool_choice="auto")
