@@ -4,7 +4,9 @@ in float32, close logprobs in bfloat16, CUDA graphs equal to eager, at TP=1 and
 kernels (not the reference fallback) run."""
 from __future__ import annotations
 
+import json
 import random
+import re
 
 import pytest
 import torch
@@ -154,20 +156,27 @@ def test_lora_equals_merged_weights(ckpts, tp, tmp_path):
 
 
 def test_logits_rules_on_the_device(ckpts):
-    """guided_choice, allowed_token_ids and logit_bias: their masks are built on the host and
-    applied to the logits on the GPU, batched with plain rows."""
+    """guided_choice, allowed_token_ids, logit_bias and structured outputs (a JSON schema, a
+    regex): their masks are built on the host and applied to the logits on the GPU, batched
+    with plain rows, in decode steps that run as CUDA graphs."""
     choices = ["positive", "negative", "neutral"]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22, 333]}},
+              "required": ["ok", "n"]}
     with _engine(ckpts["qwen2"], 1, "bfloat16") as llm:
         prompts = _prompts(llm.config.model.arch.vocab_size)[:3]
         favoured = 300
-        outs = llm.generate(prompts, [SamplingParams(temperature=0.0, guided_choice=choices, max_tokens=12),
-                                      SamplingParams(temperature=1.0, seed=3, max_tokens=6,
-                                                     allowed_token_ids=[7, 8, 9]),
-                                      SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
-                                                     logit_bias={favoured: 100.0})], use_tqdm=False)
+        params = [SamplingParams(temperature=0.0, guided_choice=choices, max_tokens=12),
+                  SamplingParams(temperature=1.0, seed=3, max_tokens=6, allowed_token_ids=[7, 8, 9]),
+                  SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={favoured: 100.0}),
+                  SamplingParams(temperature=1.0, seed=4, max_tokens=60, guided_json=schema),
+                  SamplingParams(temperature=0.0, max_tokens=20, guided_regex=r"(yes|no)-[0-9]{4}")]
+        outs = llm.generate(prompts + prompts[:2], params, use_tqdm=False)
     assert outs[0].outputs[0].text in choices and outs[0].outputs[0].finish_reason == "stop"
     assert set(outs[1].outputs[0].token_ids) <= {7, 8, 9}
     assert outs[2].outputs[0].token_ids == [favoured] * 6
+    value = json.loads(outs[3].outputs[0].text)
+    assert isinstance(value["ok"], bool) and value["n"] in (1, 22, 333) and set(value) == {"ok", "n"}
+    assert re.fullmatch(r"(yes|no)-[0-9]{4}", outs[4].outputs[0].text) and outs[4].outputs[0].finish_reason == "stop"
 
 
 @torch.inference_mode()
