@@ -39,8 +39,8 @@ def has_logit_rules(params: SamplingParams) -> bool:
 def allowed_ids(row: SamplingRow) -> list[int] | np.ndarray | None:
     """The tokens a row may sample by its allowed_token_ids; by guided_choice: the next token
     of each choice its output is a prefix of, and its stop ids once it is a whole choice; by
-    a structured-output regex: the tokens that keep its output a prefix of a match, and its
-    stop ids where the output is a match."""
+    a structured-output regex (as a bool mask over the vocabulary): the tokens that keep its
+    output a prefix of a match, and its stop ids where the output is a match."""
     p = row.params
     if p.structured_regex is not None:
         if row.guided is None:
@@ -115,8 +115,12 @@ def apply_allowed_token_ids(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     idx, vocab_size = list(allowed), logits.shape[-1]
     keep = torch.zeros(len(idx), vocab_size, dtype=torch.bool)
     for j, i in enumerate(idx):
-        ids = np.asarray(allowed[i], dtype=np.int64)
-        keep[j, torch.from_numpy(ids[ids < vocab_size])] = True
+        ids = allowed[i]
+        if isinstance(ids, np.ndarray) and ids.dtype == bool:  # a structured-output mask
+            n = min(len(ids), vocab_size)
+            keep[j, :n] = torch.from_numpy(ids[:n])
+        else:
+            keep[j, [t for t in ids if t < vocab_size]] = True
     idx_t = index_tensor(idx, logits.device)
     sub = logits.index_select(0, idx_t).masked_fill_(~keep.to(logits.device, non_blocking=True), float("-inf"))
     logits.index_copy_(0, idx_t, sub)

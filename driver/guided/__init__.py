@@ -57,16 +57,21 @@ class Vocab:
 
 
 class TokenFSM:
-    """A pattern's DFA over a vocabulary: per DFA state, the tokens that do not kill it."""
+    """A pattern's DFA over a vocabulary: per DFA state, the tokens that do not kill it (kept
+    as bits: 16 KB per state for a 128k vocabulary)."""
 
     def __init__(self, pattern: str, vocab: Vocab):
         self.dfa, self.vocab = DFA(pattern), vocab
-        self._allowed: dict[int, np.ndarray] = {}
+        self._bits: dict[int, np.ndarray] = {}
 
     def allowed(self, state: int) -> np.ndarray:
         """The token ids [k] int64 whose bytes lead from `state` to a live state."""
-        ids = self._allowed.get(state)
-        if ids is None:
+        return np.flatnonzero(self.mask(state))
+
+    def mask(self, state: int) -> np.ndarray:
+        """[vocab size] bool: True for the tokens allowed from `state` (a fresh array)."""
+        bits = self._bits.get(state)
+        if bits is None:
             (children, tokens), transitions = self.vocab.trie, self.dfa.transitions
             out: list[int] = []
             stack = [(0, state)]
@@ -79,8 +84,10 @@ class TokenFSM:
                         out.extend(tokens[child])
                         if children[child]:
                             stack.append((child, nxt))
-            ids = self._allowed[state] = np.array(sorted(out), dtype=np.int64)
-        return ids
+            mask = np.zeros(self.vocab.size, dtype=bool)
+            mask[out] = True
+            bits = self._bits[state] = np.packbits(mask)
+        return np.unpackbits(bits, count=self.vocab.size).astype(bool)
 
     def advance(self, state: int, token: int) -> int:
         data = self.vocab.token_bytes[token] if 0 <= token < self.vocab.size else None
@@ -107,15 +114,15 @@ class GuidedCursor:
         return self.fsm.dfa.is_final(self.follow(output))
 
     def allowed(self, output: list[int], stop_ids: tuple[int, ...]) -> np.ndarray | None:
-        """The token ids that may come next (the stop ids too where the output may end);
-        None past the end (a token sampled with the sequence already complete)."""
+        """[vocab size] bool: the tokens that may come next (the stop ids too where the output
+        may end); None past the end (a token sampled with the sequence already complete)."""
         state = self.follow(output)
         if state == DEAD:
             return None
-        ids = self.fsm.allowed(state)
-        if self.fsm.dfa.accepting[state] and stop_ids:
-            ids = np.union1d(ids, np.array(stop_ids, dtype=np.int64))
-        return ids
+        mask = self.fsm.mask(state)
+        if self.fsm.dfa.accepting[state]:
+            mask[[t for t in stop_ids if t < len(mask)]] = True
+        return mask
 
 
 def set_vocab(token_bytes: list[bytes | None] | None) -> None:
