@@ -1,4 +1,5 @@
 """Sampling features end to end through Ray workers, and the CLI."""
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,14 @@ def test_cli_generate_with_embedded_demo(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "demo checkpoint" in proc.stderr
     assert "prompt: 'Hello'" in proc.stdout and "6 tokens" in proc.stdout
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}')
+    proc = subprocess.run([sys.executable, "-m", "driver.cli", "generate", "--max-tokens", "20", "--device", "cpu",
+                           "--json", "--json-schema", str(schema), "Hello"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(reply["text"]) in ({"ok": True}, {"ok": False}), reply
 
 
 def test_cli_help_explains():
