@@ -84,7 +84,10 @@ def test_scoring_and_steering_fields(tok):
     ({"prompt": "hi", "logit_bias": {"600": 1}}, "logit_bias", "past the vocabulary; they must be in [0, 512)"),
     ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids", "non-empty list"),
     ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available with 'stream'"),
-    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format", "only"),
+    ({"prompt": "hi", "response_format": {"type": "yaml"}}, "response_format", "'text', 'json_object' or"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format", "needs {'json_schema'"),
+    ({"prompt": "hi", "guided_regex": 5}, "guided_regex", "must be str"),
+    ({"prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}, None, "at most one of"),
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": []}, "prompt", "'prompt' must be"),
     ({"prompt": [[1, -2]]}, "prompt", "in [0, 512)"),
@@ -95,6 +98,18 @@ def test_bad_completion_fields_name_themselves(tok, body, param, says):
     assert e.status == 400 and e.param == param and says in e.message
     assert e.body() == {"error": {"message": e.message, "type": "invalid_request_error", "param": param,
                                   "code": e.code}}
+
+
+def test_structured_output_fields(tok):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert completion(tok, prompt="hi", response_format=spec).params.guided_json == schema
+    assert completion(tok, prompt="hi", response_format={"type": "json_object"}).params.guided_json == \
+        {"type": "object"}
+    assert completion(tok, prompt="hi", structured_outputs={"json": {}}).params.guided_json == {}
+    assert completion(tok, prompt="hi", structured_outputs={"regex": "a+"}).params.guided_regex == "a+"
+    assert completion(tok, prompt="hi", guided_json='{"type": "string"}').params.guided_json == '{"type": "string"}'
+    assert completion(tok, prompt="hi", response_format={"type": "text"}).params.guided_json is None
 
 
 def test_model_is_required_and_must_be_the_served_one(tok):

@@ -1,6 +1,7 @@
 """The tool-call parsers (driver/tool_parsers.py) on model replies, and what the chat
 protocol makes of tools, tool_choice and tool turns."""
 import json
+from unittest.mock import ANY
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_tools_and_tool_turns_reach_the_template(tok):
     req = _chat(tok, messages=[{"role": "user", "content": "hi"},
                                {"role": "assistant", "content": None, "tool_calls": [call]},
                                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], tools=TOOLS)
-    assert req.tool_parser == "hermes"
+    assert req.tool_parser.name == "hermes"
     text = tok.decode(req.prompts[0])
     assert json.dumps(TOOLS[0]) in text  # the tools, listed by the template
     # The call's arguments reach the template as an object (as transformers' templates expect).
@@ -90,9 +91,27 @@ def test_tools_and_tool_turns_reach_the_template(tok):
     assert req.tool_parser is None
 
 
+def test_forced_tool_choice_sets_the_schema(tok):
+    """"required": a list of calls of any tool; a named function: its arguments. Either way the
+    whole reply parses into tool_calls."""
+    req = _chat(tok, messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="required")
+    schema = req.params.guided_json
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    assert schema["items"]["anyOf"][0]["properties"]["name"] == {"const": "get_weather"}
+    [call] = req.tool_parser.extract('[{"name": "get_weather", "parameters": {"city": "Rome"}}]')[1]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
+    named = _chat(tok, messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.params.guided_json == TOOLS[0]["function"]["parameters"]
+    assert named.tool_parser.extract('{"city": "Rome"}') == (None, [{**call, "id": ANY}])
+    assert named.tool_parser.extract('{"city": "Ro') == ('{"city": "Ro', [])  # cut short: content
+
+
 @pytest.mark.parametrize("body, says", [
-    ({"tools": TOOLS, "tool_choice": "required"}, "cannot force a tool call"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "cannot force"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among 'tools'"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "a named 'tool_choice' is"),
+    ({"tools": TOOLS, "tool_choice": "always"}, "must be 'none', 'auto', 'required'"),
+    ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "leave out response_format"),
     ({"tool_choice": "auto"}, "'tool_choice' needs 'tools'"),
     ({"tools": [{"type": "function"}]}, "each of 'tools' must be"),
 ])
