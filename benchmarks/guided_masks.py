@@ -7,7 +7,9 @@ text and JSON (letters, digits, spaces, punctuation), plus the 256 single bytes,
 byte-level BPE has them. Each pattern is walked along a sample JSON reply one single-byte
 token at a time, which visits every state a tokenizer's longer tokens could stop in.
 
-    python3 -m benchmarks.guided_masks [--vocab 128000]
+Then a step's masking of --batch rows' logits on --device (the sampler's cost per step).
+
+    python3 -m benchmarks.guided_masks [--vocab 128000] [--device cuda]
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def synthetic_vocab(size: int, seed: int = 0) -> list[bytes]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=128000, help="synthetic tokens besides the 256 bytes")
+    parser.add_argument("--batch", type=int, default=64, help="rows masked per step")
+    parser.add_argument("--device", default="cpu", help="where the logits live (cpu or cuda)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     token_bytes = synthetic_vocab(args.vocab)
@@ -52,7 +56,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         cursor, out, states = GuidedCursor(TokenFSM(pattern, vocab)), [], set()
         for b in reply.encode():
-            assert cursor.allowed(out, ())[single[b]]
+            assert cursor.allowed(out, ()).to_bool()[single[b]]
             states.add(cursor.state)
             out.append(single[b])
         seconds = time.perf_counter() - start
@@ -62,8 +66,46 @@ def main(argv=None) -> None:
         rows.append([name, len(states), round(seconds, 3), round(1000 * seconds / len(states), 1)])
     print(f"trie of {len(token_bytes)} tokens: {nodes} nodes in {trie_s:.2f} s")
     print_table(["pattern", "dfa_states", "total_s", "ms_per_state"], rows)
-    write_result("guided_masks", {"config": {"vocab": len(token_bytes)}, "trie_s": round(trie_s, 3),
-                                  "trie_nodes": nodes, "results": results}, args.out, device="cpu")
+    apply = apply_ms(token_bytes, single, args.batch, args.device)
+    print(f"masking {args.batch} rows' logits per step on {args.device}: {apply}")
+    write_result("guided_masks", {"config": {"vocab": len(token_bytes), "batch": args.batch},
+                                  "trie_s": round(trie_s, 3), "trie_nodes": nodes, "results": results,
+                                  "apply_ms": apply}, args.out, device=args.device)
+
+
+def apply_ms(token_bytes: list[bytes], single: dict, batch: int, device: str) -> dict:
+    """Median time of one step's masking of `batch` rows, all inside a JSON string (the widest
+    masks), on `device` logits: as the sampler does it (bits, unpacked on the device), and with
+    each mask unpacked on the host and copied as bools (what it did before)."""
+    import numpy as np
+    import torch
+
+    from driver.guided import set_vocab
+    from driver.sampling_params import SamplingParams
+    from workers.logits_processors import _keep_only, allowed_ids, apply_allowed_token_ids
+    from workers.sampler import SamplingRow
+
+    set_vocab(token_bytes)
+    pattern = CASES["schema"][0]
+    params = SamplingParams(guided_regex=pattern, structured_regex=pattern)
+    rows = [SamplingRow(params, 0, [0] + [single[b] for b in b'{"name": "ab'], 1, (0,)) for _ in range(batch)]
+    logits = torch.randn(batch, len(token_bytes), device=device)
+
+    def unpacked_on_host():
+        keep = torch.from_numpy(np.stack([allowed_ids(r).to_bool() for r in rows]))
+        _keep_only(logits, list(range(batch)), keep.to(device))
+
+    out = {}
+    for name, fn in (("bits", lambda: apply_allowed_token_ids(logits, rows)), ("host_bools", unpacked_on_host)):
+        times = []
+        for _ in range(21):
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[name] = round(1000 * sorted(times)[len(times) // 2], 3)
+    return out
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from driver.guided import GuidedCursor, fsm_for
+from driver.guided import GuidedCursor, PackedMask, fsm_for
 from driver.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -36,10 +36,10 @@ def has_logit_rules(params: SamplingParams) -> bool:
             or params.choice_token_ids is not None or params.structured_regex is not None)
 
 
-def allowed_ids(row: SamplingRow) -> list[int] | np.ndarray | None:
+def allowed_ids(row: SamplingRow) -> list[int] | PackedMask | None:
     """The tokens a row may sample by its allowed_token_ids; by guided_choice: the next token
     of each choice its output is a prefix of, and its stop ids once it is a whole choice; by
-    a structured-output regex (as a bool mask over the vocabulary): the tokens that keep its
+    a structured-output regex (as packed bits over the vocabulary): the tokens that keep its
     output a prefix of a match, and its stop ids where the output is a match."""
     p = row.params
     if p.structured_regex is not None:
@@ -108,23 +108,40 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 def apply_allowed_token_ids(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """In place: -inf outside the tokens a row may sample (allowed_token_ids, guided_choice,
-    structured outputs)."""
-    allowed = {i: ids for i, r in enumerate(rows) if (ids := allowed_ids(r)) is not None}
-    if not allowed:
-        return logits
-    idx, vocab_size = list(allowed), logits.shape[-1]
-    keep = torch.zeros(len(idx), vocab_size, dtype=torch.bool)
-    for j, i in enumerate(idx):
-        ids = allowed[i]
-        if isinstance(ids, np.ndarray) and ids.dtype == bool:  # a structured-output mask
-            n = min(len(ids), vocab_size)
-            keep[j, :n] = torch.from_numpy(ids[:n])
-        else:
+    structured outputs). Structured outputs' masks travel as bits and are unpacked on the device."""
+    lists, packed = {}, {}
+    for i, r in enumerate(rows):
+        ids = allowed_ids(r)
+        if ids is not None:
+            (packed if isinstance(ids, PackedMask) else lists)[i] = ids
+    vocab_size = logits.shape[-1]
+    if lists:
+        keep = torch.zeros(len(lists), vocab_size, dtype=torch.bool)
+        for j, ids in enumerate(lists.values()):
             keep[j, [t for t in ids if t < vocab_size]] = True
-    idx_t = index_tensor(idx, logits.device)
-    sub = logits.index_select(0, idx_t).masked_fill_(~keep.to(logits.device, non_blocking=True), float("-inf"))
-    logits.index_copy_(0, idx_t, sub)
+        _keep_only(logits, list(lists), keep.to(logits.device, non_blocking=True))
+    if packed:
+        bits = torch.from_numpy(np.stack([m.bits for m in packed.values()])).to(logits.device)
+        _keep_only(logits, list(packed), unpack_bits(bits, vocab_size))
     return logits
+
+
+def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """[rows, k] uint8 of np.packbits bits -> [rows, n] bool (bits past 8k read as False)."""
+    if bits.device.type == "cpu":  # (numpy's unpacking is several times faster there)
+        flat = np.unpackbits(bits.numpy(), axis=1, count=min(n, 8 * bits.shape[1])).astype(bool)
+        return torch.from_numpy(np.pad(flat, ((0, 0), (0, n - flat.shape[1]))))
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    flat = bits.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(1).bool().flatten(1)  # [rows, 8k]
+    if flat.shape[1] >= n:
+        return flat[:, :n]
+    return torch.cat([flat, flat.new_zeros(flat.shape[0], n - flat.shape[1])], dim=1)
+
+
+def _keep_only(logits: torch.Tensor, idx: list[int], keep: torch.Tensor) -> None:
+    """logits[idx[j], t] = -inf where not keep[j, t]."""
+    idx_t = index_tensor(idx, logits.device)
+    logits.index_copy_(0, idx_t, logits.index_select(0, idx_t).masked_fill_(~keep, float("-inf")))
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

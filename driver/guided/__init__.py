@@ -70,6 +70,11 @@ class TokenFSM:
 
     def mask(self, state: int) -> np.ndarray:
         """[vocab size] bool: True for the tokens allowed from `state` (a fresh array)."""
+        return np.unpackbits(self.bits(state), count=self.vocab.size).astype(bool)
+
+    def bits(self, state: int) -> np.ndarray:
+        """mask(state) packed (np.packbits: token t is bit 7 - t % 8 of byte t // 8); cached,
+        so not to be written."""
         bits = self._bits.get(state)
         if bits is None:
             (children, tokens), transitions = self.vocab.trie, self.dfa.transitions
@@ -87,7 +92,7 @@ class TokenFSM:
             mask = np.zeros(self.vocab.size, dtype=bool)
             mask[out] = True
             bits = self._bits[state] = np.packbits(mask)
-        return np.unpackbits(bits, count=self.vocab.size).astype(bool)
+        return bits
 
     def advance(self, state: int, token: int) -> int:
         data = self.vocab.token_bytes[token] if 0 <= token < self.vocab.size else None
@@ -113,16 +118,30 @@ class GuidedCursor:
         """The output is a whole match that nothing can extend."""
         return self.fsm.dfa.is_final(self.follow(output))
 
-    def allowed(self, output: list[int], stop_ids: tuple[int, ...]) -> np.ndarray | None:
-        """[vocab size] bool: the tokens that may come next (the stop ids too where the output
-        may end); None past the end (a token sampled with the sequence already complete)."""
+    def allowed(self, output: list[int], stop_ids: tuple[int, ...]) -> PackedMask | None:
+        """The tokens that may come next (the stop ids too where the output may end), as bits;
+        None past the end (a token sampled with the sequence already complete)."""
         state = self.follow(output)
         if state == DEAD:
             return None
-        mask = self.fsm.mask(state)
+        bits = self.fsm.bits(state)
         if self.fsm.dfa.accepting[state]:
-            mask[[t for t in stop_ids if t < len(mask)]] = True
-        return mask
+            bits = bits.copy()
+            for t in stop_ids:
+                if t < self.fsm.vocab.size:
+                    bits[t >> 3] |= 0x80 >> (t & 7)
+        return PackedMask(bits, self.fsm.vocab.size)
+
+
+class PackedMask:
+    """A row's allowed tokens as np.packbits bits [ceil(size / 8)] uint8 (unpacked on the
+    device, so a step copies 16 KB per row at 128k tokens)."""
+
+    def __init__(self, bits: np.ndarray, size: int):
+        self.bits, self.size = bits, size
+
+    def to_bool(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=self.size).astype(bool)
 
 
 def set_vocab(token_bytes: list[bytes | None] | None) -> None:
@@ -188,4 +207,4 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return out
 
 
-__all__ = ["GuidedCursor", "TokenFSM", "Vocab", "fsm_for", "set_vocab", "structured_regex", "token_bytes"]
+__all__ = ["GuidedCursor", "PackedMask", "TokenFSM", "Vocab", "fsm_for", "set_vocab", "structured_regex", "token_bytes"]

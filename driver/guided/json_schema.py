@@ -132,6 +132,8 @@ class _Converter:
             if "pattern" in s:
                 return '"' + s["pattern"].removeprefix("^").removesuffix("$") + '"'
             lo, hi = s.get("minLength", 0), s.get("maxLength")
+            if hi is not None and hi < lo:
+                raise SchemaError(f"maxLength ({hi}) is less than minLength ({lo})")
             if not lo and hi is None:
                 return STRING
             hi = None if hi is not None and hi > MAX_COUNT else hi
@@ -153,6 +155,8 @@ class _Converter:
 
     def array(self, s: dict, depth: int) -> str:
         lo, hi = s.get("minItems", 0), s.get("maxItems")
+        if hi is not None and hi < lo:
+            raise SchemaError(f"maxItems ({hi}) is less than minItems ({lo})")
         if "prefixItems" in s:
             items = [self.convert(sub, depth + 1) for sub in s["prefixItems"]]
             return rf"\[{WS}" + f"{WS},{WS}".join(items) + rf"{WS}\]"

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from driver.guided import GuidedCursor, TokenFSM, Vocab, token_bytes
 from driver.guided.json_schema import SchemaError, free_json_regex, schema_to_regex
@@ -52,7 +53,7 @@ def test_free_json_nests_four_levels():
     ({"type": "string", "format": "email", "contentEncoding": "x"}, "contentEncoding"),
     ({"type": "object", "properties": {"a": {"$ref": "#"}}}, "recursive"),
     ({"$ref": "#/$defs/missing"}, "does not point"), ({"type": "object", "properties": {}, "required": ["x"]}, "required"),
-    ({"type": "tuple"}, "'tuple'"), ({"allOf": [{}, {}]}, "allOf"), ("{not json", "not valid JSON"),
+    ({"type": "tuple"}, "'tuple'"), ({"type": "array", "minItems": 3, "maxItems": 1}, "less than minItems"), ({"allOf": [{}, {}]}, "allOf"), ("{not json", "not valid JSON"),
 ])
 def test_unsupported_schemas_are_refused(schema, why):
     with pytest.raises(SchemaError, match=why):
@@ -87,10 +88,20 @@ def test_cursor_allows_stop_ids_at_matches_only(tokenizer):
     vocab = Vocab(token_bytes(tokenizer))
     cursor = GuidedCursor(TokenFSM(r"(yes|no)[0-9]?", vocab))
     ids = tokenizer.encode("yes", add_special_tokens=False)
-    assert not cursor.allowed([], (99,))[99]
-    assert cursor.allowed(ids, (99,))[99] and not cursor.complete(ids)
+    assert not cursor.allowed([], (99,)).to_bool()[99]
+    assert cursor.allowed(ids, (99,)).to_bool()[99] and not cursor.complete(ids)
+    assert not cursor.fsm.mask(cursor.state)[99]  # (the cached state mask is left alone)
     done = ids + tokenizer.encode("7", add_special_tokens=False)
-    assert cursor.complete(done) and np.flatnonzero(cursor.allowed(done, (99,))).tolist() == [99]
+    assert cursor.complete(done) and np.flatnonzero(cursor.allowed(done, (99,)).to_bool()).tolist() == [99]
     assert cursor.allowed(done + done, (99,)) is None  # past the end: a token sampled in flight
-    mask = GuidedCursor(TokenFSM("a", vocab)).allowed([], ())
-    assert mask.dtype == bool and mask.shape == (vocab.size,)
+
+
+def test_bits_unpack_on_the_device_as_numpy_packs_them():
+    from workers.logits_processors import unpack_bits
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 21)) < 0.5
+    bits = torch.from_numpy(np.stack([np.packbits(m) for m in masks]))
+    assert torch.equal(unpack_bits(bits, 21), torch.from_numpy(masks))
+    wider = unpack_bits(bits, 30)  # a model vocabulary past the tokenizer's
+    assert torch.equal(wider[:, :21], torch.from_numpy(masks)) and not wider[:, 21:].any()
