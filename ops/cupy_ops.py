@@ -115,6 +115,36 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], inter)
 
 
+# --------------------------------------------------------------------------- LoRA
+
+LORA_KERNEL_MAX_ROWS = 16  # above, the dense masked GEMMs (ops.reference) read each slot once
+
+
+def lora_apply(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
+               onehot: torch.Tensor, width: int) -> torch.Tensor:
+    """ops.reference.lora_apply; for up to LORA_KERNEL_MAX_ROWS rows two kernels (ops/lora.cu)
+    that read only each row's slot, instead of three GEMM-sized launches over every slot."""
+    num_rows, k = x.shape
+    n = out.shape[1]
+    if a.shape[1] != k or bt.shape != (a.shape[0], n) or out.shape[0] != num_rows or slots.shape != (num_rows,):
+        raise ValueError(f"lora_apply shapes: out {tuple(out.shape)}, x {tuple(x.shape)}, a {tuple(a.shape)}, "
+                         f"bt {tuple(bt.shape)}, slots {tuple(slots.shape)}")
+    if (num_rows > LORA_KERNEL_MAX_ROWS or x.dtype not in _HALF or not (x.dtype == a.dtype == bt.dtype == out.dtype)
+            or slots.dtype != torch.int64 or k % 8 or width % 8 or a.shape[0] % width
+            or not all(t.is_contiguous() and _aligned(t) for t in (x, a, bt, out, slots))):
+        return reference.lora_apply(out, x, a, bt, slots, onehot, width)
+    if num_rows == 0:
+        return out
+    _check_device(out, x, a, bt, slots)
+    dev, ct = _dev(x), _CTYPE[x.dtype]
+    h = torch.empty((num_rows, width), dtype=torch.float32, device=x.device)
+    _launch(_kernel("lora.cu", f"lora_shrink_kernel<{ct}>", dev), dev, (num_rows, -(-width // 8)), (32, 8),
+            (_p(h), _p(x), _p(a), _p(slots), _i32(k), _i32(width)))
+    _launch(_kernel("lora.cu", f"lora_expand_kernel<{ct}>", dev), dev, (num_rows, -(-n // 256)), (256,),
+            (_p(out), _p(h), _p(bt), _p(slots), _i32(n), _i32(width)))
+    return out
+
+
 # --------------------------------------------------------------------------- sampling
 
 

@@ -96,6 +96,17 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
 # --------------------------------------------------------------------------- sampling
 
 
+def lora_apply(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
+               onehot: torch.Tensor, width: int) -> torch.Tensor:
+    """Multi-LoRA, in place: out [T, N] += (x[t] @ A_s^T) @ Bt_s for each row t's slot s
+    (none where slots[t] == -1), with A_s = a[s * width:(s + 1) * width] ([width, K]) and Bt_s
+    the same rows of bt ([width, N]). onehot [T, L] (x's dtype) is slots as one-hot rows: every
+    slot's product is computed for every row and masked (no host sync, one shape for any mix)."""
+    num_rows, num_slots = x.shape[0], onehot.shape[1]
+    h = (x @ a.t()).view(num_rows, num_slots, width) * onehot[:, :, None]  # [T, L, width]
+    return out.addmm_(h.view(num_rows, -1), bt)
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy tokens: logits [S, V] -> int64 [S], the first index of each row's maximum
     (a NaN counts as the maximum), as torch.argmax."""

@@ -9,13 +9,14 @@ over ranks of x_r A_r^T B^T is x A^T B^T). The stacked layers (qkv_proj, gate_up
 one block-diagonal B over the stacked A of their parts, so one product serves q, k and v.
 
 Every layer's slots live in two buffers allocated with the model (before the KV cache is
-sized): A [L * P * R, in] and B [out, L * P * R] for L = max_loras slots, P stacked parts and
-R = max_lora_rank (a smaller rank, or an untargeted part, leaves zeros). A step applies them
-one of two ways (`LoRABatch`):
+sized): A [L * P * R, in] and B^T [L * P * R, out] for L = max_loras slots, P stacked parts
+and R = max_lora_rank (a smaller rank, or an untargeted part, leaves zeros). A step applies
+them one of two ways (`LoRABatch`):
 - grouped (eager steps): per adapter in the step, its rows' two products, FLOPs as needed;
-- dense (decode CUDA graphs): every slot for every row, x A^T [T, L * P * R] masked to the
-  row's own slot, then one product with B. Shapes never depend on which adapters a step
-  has, so one graph serves any mix; the waste is small at decode batch sizes.
+- per row (decode CUDA graphs, ops' lora_apply): each row its own slot's products, by two
+  kernels that read only that slot (up to 16 rows), else every slot for every row masked to
+  the row's own. Shapes never depend on which adapters a step has, so one graph serves any
+  mix.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from driver.lora import PEFT_PREFIX, LoRARequest, check_adapter
+from ops.dispatch import ops_for
 from workers.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from workers.staging import to_device_async
 
@@ -35,26 +37,28 @@ TARGET_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 class LoRABatch:
     """The step's adapter rows, shared by every LoRA layer of a model. At most one of
-    `groups` (eager) and `onehot` (graphs) is set; neither: no adapter in the step."""
+    `groups` (eager) and `slots` (graphs) is set; neither: no adapter in the step."""
 
     def __init__(self, max_loras: int, device: torch.device, dtype: torch.dtype):
         self.groups: list[tuple[torch.Tensor, int]] = []  # (row indices [n] on the device, slot)
-        self.onehot: torch.Tensor | None = None  # [T, L]: 1 at each row's slot, 0 elsewhere
+        self.slots: torch.Tensor | None = None  # [T] int64: each row's slot (-1: none)
+        self.onehot: torch.Tensor | None = None  # [T, L]: slots as one-hot rows
         self.dtype = dtype
         self.slot_ids = torch.arange(max_loras, device=device)
 
     @property
     def active(self) -> bool:
-        return self.onehot is not None or bool(self.groups)
+        return self.slots is not None or bool(self.groups)
 
     def set_slots(self, slots: torch.Tensor | None) -> None:
-        """slots [T] int64 on the device (-1: the base weights): the dense mode, without a
+        """slots [T] int64 on the device (-1: the base weights): the per-row mode, without a
         host sync (capturable); None ends it."""
+        self.slots = slots
         self.onehot = None if slots is None else (slots[:, None] == self.slot_ids).to(self.dtype)
 
 
 class LoRALayer:
-    """One linear's slots: A [L * P * R, in_local], B [out_local, L * P * R] (scale folded in)."""
+    """One linear's slots: A [L * P * R, in_local], B^T [L * P * R, out_local] (scale folded in)."""
 
     def __init__(self, layer: torch.nn.Module, batch: LoRABatch, max_loras: int, rank: int):
         out_local, in_local = layer.weight.shape
@@ -62,22 +66,21 @@ class LoRALayer:
         width = len(self.parts) * rank  # one slot's columns
         w = layer.weight
         self.a = torch.zeros(max_loras * width, in_local, dtype=w.dtype, device=w.device)
-        self.b = torch.zeros(out_local, max_loras * width, dtype=w.dtype, device=w.device)
+        self.bt = torch.zeros(max_loras * width, out_local, dtype=w.dtype, device=w.device)
         self.width = width
 
     def slot(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot s's (A [P * R, in_local], B [out_local, P * R]) views."""
-        cols = slice(s * self.width, (s + 1) * self.width)
-        return self.a[cols], self.b[:, cols]
+        rows = slice(s * self.width, (s + 1) * self.width)
+        return self.a[rows], self.bt[rows].t()
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        onehot = self.batch.onehot
-        if onehot is not None:
-            h = (x @ self.a.t()).view(x.shape[0], onehot.shape[1], self.width)  # [T, L, P * R]
-            return out.addmm_((h * onehot[:, :, None]).view(x.shape[0], -1), self.b.t())
-        for rows, s in self.batch.groups:
-            a, b = self.slot(s)
-            out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
+        b = self.batch
+        if b.slots is not None:
+            return ops_for(x).lora_apply(out, x, self.a, self.bt, b.slots, b.onehot, self.width)
+        for rows, s in b.groups:
+            a, bt = self.a[s * self.width:(s + 1) * self.width], self.bt[s * self.width:(s + 1) * self.width]
+            out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ bt)
         return out
 
 
@@ -97,7 +100,7 @@ class LoRAManager:
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in TARGET_LAYERS:
                 module.lora = self.layers[name] = LoRALayer(module, self.batch, max_loras, max_lora_rank)
-        nbytes = sum(t.numel() * t.element_size() for layer in self.layers.values() for t in (layer.a, layer.b))
+        nbytes = sum(t.numel() * t.element_size() for layer in self.layers.values() for t in (layer.a, layer.bt))
         logger.info("LoRA slots: %d adapters of rank <= %d, %.1f MiB", max_loras, max_lora_rank, nbytes / 2**20)
 
     def ensure_loaded(self, request: LoRARequest) -> None:
