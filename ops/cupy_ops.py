@@ -138,9 +138,9 @@ def lora_apply(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Te
     _check_device(out, x, a, bt, slots)
     dev, ct = _dev(x), _CTYPE[x.dtype]
     h = torch.empty((num_rows, width), dtype=torch.float32, device=x.device)
-    _launch(_kernel("lora.cu", f"lora_shrink_kernel<{ct}>", dev), dev, (num_rows, -(-width // 8)), (32, 8),
+    _launch(_kernel("lora.cu", f"lora_shrink_kernel<{ct}>", dev), dev, (num_rows, width), (256,),
             (_p(h), _p(x), _p(a), _p(slots), _i32(k), _i32(width)))
-    _launch(_kernel("lora.cu", f"lora_expand_kernel<{ct}>", dev), dev, (num_rows, -(-n // 256)), (256,),
+    _launch(_kernel("lora.cu", f"lora_expand_kernel<{ct}>", dev), dev, (num_rows, -(-n // 128)), (128,),
             (_p(out), _p(h), _p(bt), _p(slots), _i32(n), _i32(width)))
     return out
 
