@@ -4,8 +4,9 @@ with the base weights, all of them under the adapter, and half and half, in one 
 (enable_lora).
 
 Decode steps with adapter rows replay their bucket's LoRA CUDA graph: the unfused layers
-(at TP=1 the base's batch-1 steps run fused ones) plus, per linear, every slot's two
-products masked per row (workers/lora.py); this measures what that costs. Each figure is
+(at TP=1 the base's batch-1 steps run fused ones) plus, per linear, each row's slot applied
+(ops/lora.cu up to 16 rows, masked GEMMs over every slot above; workers/lora.py); this
+measures what that costs. Each figure is
 the median of 3 pairs of runs, (N new tokens - 1 new token) / (N - 1).
 
     python3 -m benchmarks.lora_decode                     # batches 1 and 64
