@@ -2,9 +2,9 @@
 sequence may sample next are those whose bytes keep its output inside a regular language.
 
 A pattern compiles to a byte DFA (driver/guided/regex.py; JSON schemas become patterns in
-driver/guided/json_schema.py). Over a vocabulary (each token's bytes), `TokenFSM.allowed`
-walks a trie of all tokens along the DFA once per DFA state and caches the token ids that
-survive. `GuidedCursor` follows one sequence: its DFA state after its output so far.
+driver/guided/json_schema.py). Over a vocabulary (each token's bytes), `TokenFSM.bits`
+walks a trie of all tokens along the DFA once per DFA state and caches, as bits, the tokens
+that survive. `GuidedCursor` follows one sequence: its DFA state after its output so far.
 
 The driver (to end a sequence whose output is complete) and rank 0's sampler (to mask the
 logits) each hold the vocabulary, set once per process with `set_vocab`, and compile a
