@@ -14,6 +14,7 @@ _EXPORTS = {
     "RequestOutput": "driver.outputs",
     "CompletionOutput": "driver.outputs",
     "EmbeddingRequestOutput": "driver.outputs",
+    "BeamSearchParams": "driver.beam_search",
 }
 
 

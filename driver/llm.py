@@ -11,12 +11,13 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from driver.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from driver.config import EngineConfig
 from driver.engine import LLMEngine
 from driver.lora import LoRARequest
 from driver.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
-from driver.tokenizer import apply_chat_template
+from driver.tokenizer import apply_chat_template, encode_prompt
 
 Prompt = str | list[int]
 
@@ -86,6 +87,15 @@ class LLM:
         outs = self.generate(list(prompts), [pooling_params or PoolingParams()] * len(prompts), use_tqdm)
         return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding))
                 for o in outs]
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    lora_request: LoRARequest | None = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search: per prompt, the params.beam_width best sequences (driver/beam_search.py)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        token_lists = [encode_prompt(self.tokenizer, p) if isinstance(p, str) else [int(t) for t in p]
+                       for p in prompts]
+        return beam_search(self, token_lists, params, lora_request, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

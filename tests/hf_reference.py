@@ -90,3 +90,20 @@ def hf_greedy_regex(ckpt: str, prompt_ids: list[int], pattern: str, token_texts:
             return out
         text += token_texts[out[-1]]
     return out
+
+
+@torch.inference_mode()
+def hf_beam_search(ckpt: str, prompt_ids: list[int], width: int, max_tokens: int, stop_ids: list[int],
+                   length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
+    """vLLM's beam search over transformers' float32 logprobs: (tokens incl. the prompt,
+    cumulative logprob) of the `width` best, best first."""
+    model, live, done = hf_model(ckpt), [(list(prompt_ids), 0.0)], []
+    for _ in range(max_tokens):
+        grown = []
+        for tokens, cum in live:
+            top = torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].float(), -1).topk(2 * width)
+            for t, v in zip(top.indices.tolist(), top.values.tolist()):
+                (done if t in stop_ids else grown).append((tokens + [t], cum + v))
+        live = sorted(grown, key=lambda b: b[1], reverse=True)[:width]
+    score = lambda b: b[1] / (len(b[0]) - (b[0][-1] in stop_ids)) ** length_penalty  # noqa: E731
+    return sorted(done + live, key=score, reverse=True)[:width]

@@ -176,3 +176,26 @@ def test_guided_choice_equals_constrained_transformers(llm, llama_ckpt):
     sampled = llm.generate(prompts * 4, SamplingParams(temperature=1.0, guided_choice=choices, seed=5),
                            use_tqdm=False)
     assert all(o.outputs[0].text in choices for o in sampled)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.5])
+def test_beam_search_equals_transformers(llm, llama_ckpt, length_penalty):
+    """vLLM's beam search (LLM.beam_search) against the same algorithm over transformers'
+    float32 logprobs: the same beams, best first, with the same cumulative logprobs."""
+    from driver import BeamSearchParams
+    from driver.tokenizer import encode_prompt
+    from tests.hf_reference import hf_beam_search
+
+    prompts = ["The quick brown fox", [5, 17, 300, 42]]
+    params = BeamSearchParams(beam_width=3, max_tokens=5, length_penalty=length_penalty)
+    outs = llm.beam_search(prompts, params)
+    stop_ids = list(llm.engine.scheduler.eos_token_ids)
+    for prompt, out in zip(prompts, outs):
+        ids = encode_prompt(llm.tokenizer, prompt) if isinstance(prompt, str) else prompt
+        want = hf_beam_search(llama_ckpt, ids, 3, 5, stop_ids, length_penalty)
+        assert [b.tokens for b in out.sequences] == [tokens for tokens, _ in want]
+        assert [b.cum_logprob for b in out.sequences] == pytest.approx([c for _, c in want], abs=1e-3)
+        assert all(b.finish_reason in ("stop", "length") and b.text for b in out.sequences)
+        assert len(out.sequences[0].logprobs) == len(out.sequences[0].tokens) - len(ids)
+    with pytest.raises(ValueError, match="beam_width must be in"):
+        BeamSearchParams(beam_width=11, max_tokens=4)
