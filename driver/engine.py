@@ -55,7 +55,7 @@ class LLMEngine:
         vocab = token_bytes(self.tokenizer)  # structured outputs: the driver and rank 0 read token bytes
         set_vocab(vocab)
         self.executor.run_all("set_guided_vocab", vocab)
-        eos = tuple(config.model.arch.eos_token_ids) or _tokenizer_eos(self.tokenizer)
+        eos = eos_token_ids(config, self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, config.cache, config.model.max_model_len,
                                    self.executor.num_gpu_blocks, self.executor.num_cpu_blocks,
                                    eos_token_ids=eos)
@@ -239,5 +239,8 @@ class LLMEngine:
         self.executor.shutdown()
 
 
-def _tokenizer_eos(tokenizer) -> tuple[int, ...]:
+def eos_token_ids(config: EngineConfig, tokenizer) -> tuple[int, ...]:
+    """The ids that end a sequence: the model config's, else the tokenizer's EOS."""
+    if config.model.arch.eos_token_ids:
+        return tuple(config.model.arch.eos_token_ids)
     return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)

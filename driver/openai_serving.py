@@ -18,8 +18,9 @@ from contextlib import aclosing
 import numpy as np
 
 from driver.async_engine import AsyncLLMEngine, EngineOverloadedError
+from driver.beam_search import BeamSearch, BeamSearchParams, api_beam_params
 from driver.detokenizer import next_stream_delta
-from driver.engine import EngineDeadError
+from driver.engine import EngineDeadError, eos_token_ids
 from driver.openai_protocol import (APIError, ParsedRequest, parse_chat, parse_completion, parse_detokenize,
                                     parse_embeddings, parse_tokenize)
 from driver.lora import LoRARequest
@@ -130,6 +131,12 @@ class OpenAIServing:
         else:
             req = parse_completion(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.names)
         call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            beam = api_beam_params(body, req.params, req.stream)
+        except ValueError as e:
+            raise APIError(str(e), param="use_beam_search") from None
+        if beam is not None:
+            return await self._beam_search(req, call_id, beam, chat)
         gens = self._open(req.prompts, req.params, call_id, self.loras.get(req.model), req.priority)
         if req.stream:
             return self._stream(req, call_id, gens, chat)
@@ -141,6 +148,30 @@ class OpenAIServing:
         if chat and req.prompt_logprobs is not None:  # (vLLM's place for them in chat)
             response["prompt_logprobs"] = self._prompt_logprobs(req, finals[0])
         return response
+
+    async def _beam_search(self, req: ParsedRequest, call_id: str, beam: BeamSearchParams, chat: bool) -> dict:
+        """vLLM's use_beam_search: the n best beams of each prompt as its n choices, whole."""
+        search = BeamSearch(req.prompts, beam, eos_token_ids(self.engine.config, self.tokenizer))
+        for step in range(beam.max_tokens):
+            beams = search.beams()
+            if not beams:
+                break
+            gens = self._open([b.tokens for b in beams], search.step_params, f"{call_id}-{step}",
+                              self.loras.get(req.model))
+            search.advance([out.outputs[0].logprobs[0] for out in await _collect(gens)])
+        choices, generated = [], 0
+        for i, (prompt, result) in enumerate(zip(req.prompts, search.results())):
+            for j, b in enumerate(result.sequences):
+                text = self.tokenizer.decode(b.tokens[len(prompt):], skip_special_tokens=True)
+                generated += len(b.tokens) - len(prompt)
+                body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                choices.append({"index": i * beam.beam_width + j, **body, "logprobs": None,
+                                "finish_reason": b.finish_reason})
+        prompt_tokens = sum(len(p) for p in req.prompts)
+        return {"id": call_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": req.model, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                          "total_tokens": prompt_tokens + generated}}
 
     def _open(self, prompts: list[list[int]], params: SamplingParams | PoolingParams, call_id: str,
               lora: LoRARequest | None = None, priority: int = 0) -> list[AsyncIterator[RequestOutput]]:

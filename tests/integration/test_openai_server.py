@@ -250,6 +250,31 @@ def test_structured_outputs(client):
         client.chat.completions.create(response_format={"type": "json_schema"}, **chat)
 
 
+def test_beam_search(server, client):
+    """vLLM's use_beam_search: n beams per prompt as its n choices, best first, equal to beam
+    search over transformers' logprobs; refused where it cannot answer."""
+    from tests.hf_reference import hf_beam_search
+
+    ckpt, _ = server
+    prompts = [[random.Random(k).randrange(3, 500) for _ in range(9)] for k in range(2)]
+    # (each beam is a request in flight: 2 prompts x 2 beams stay within the fixture's limit of 4)
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, n=2,
+                                    extra_body={"use_beam_search": True, "ignore_eos": True, "length_penalty": 0.5})
+    assert [c.index for c in out.choices] == list(range(4)) and out.usage.completion_tokens == 4 * 4
+    tok = load_tokenizer(ckpt)
+    for k, prompt in enumerate(prompts):
+        want = hf_beam_search(ckpt, prompt, 2, 4, [], length_penalty=0.5)  # (ignore_eos: no stop ids)
+        texts = [c.text for c in out.choices[2 * k:2 * k + 2]]
+        assert texts == [tok.decode(t[len(prompt):], skip_special_tokens=True) for t, _ in want]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          n=2, extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and all(c.finish_reason in ("stop", "length") for c in chat.choices)
+    for bad in ({"stream": True}, {"logprobs": 1}):
+        with pytest.raises(openai.BadRequestError, match="use_beam_search"):
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"use_beam_search": True},
+                                      **bad)
+
+
 def test_a_stream_never_sends_part_of_a_stop_string(client):
     """A stop string that starts in one step's text and ends in the next one's: the first
     step's tail must wait until the second shows whether the stop string completes."""
