@@ -75,12 +75,12 @@ class LoRALayer:
         return self.a[rows], self.bt[rows].t()
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        b = self.batch
-        if b.slots is not None:
-            return ops_for(x).lora_apply(out, x, self.a, self.bt, b.slots, b.onehot, self.width)
-        for rows, s in b.groups:
-            a, bt = self.a[s * self.width:(s + 1) * self.width], self.bt[s * self.width:(s + 1) * self.width]
-            out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ bt)
+        batch = self.batch
+        if batch.slots is not None:
+            return ops_for(x).lora_apply(out, x, self.a, self.bt, batch.slots, batch.onehot, self.width)
+        for rows, s in batch.groups:
+            a, b = self.slot(s)
+            out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
         return out
 
 
@@ -110,15 +110,14 @@ class LoRAManager:
             raise ValueError(f"more than max_loras={self.max_loras} adapters; raise max_loras")
         config, tensors = read_adapter(request.lora_path, self.max_rank)
         scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
-        device = self.device
         by_module: dict[str, dict] = {}  # our module name -> {part: (A, B)}
         for key, a in tensors.items():
             if ".lora_A." not in key:
                 continue
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
             module, part = self._module_of(key[len(PEFT_PREFIX):].split(".lora_A.")[0])
-            by_module.setdefault(module, {})[part] = (a.to(device, torch.float32),
-                                                      b.to(device, torch.float32) * scale)
+            by_module.setdefault(module, {})[part] = (a.to(self.device, torch.float32),
+                                                      b.to(self.device, torch.float32) * scale)
         slot = len(self.slots)
         for module, layer in self.layers.items():
             a, b = layer.slot(slot)
