@@ -9,6 +9,7 @@ _EXPORTS = {
     "LLM": "driver.llm",
     "SamplingParams": "driver.sampling_params",
     "PoolingParams": "driver.sampling_params",
+    "StructuredOutputsParams": "driver.sampling_params",
     "EngineConfig": "driver.config",
     "LLMEngine": "driver.engine",
     "RequestOutput": "driver.outputs",

@@ -5,6 +5,29 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's structured outputs, in its newer shape: one of a JSON schema (dict or JSON text),
+    a regex, a list of choices, or json_object (any JSON object). SamplingParams maps it onto
+    guided_json / guided_regex / guided_choice."""
+
+    json: dict | str | None = field(default=None, hash=False)
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    def guided_fields(self) -> dict:
+        fields = {"guided_json": {"type": "object"} if self.json_object else self.json,
+                  "guided_regex": self.regex, "guided_choice": self.choice}
+        if self.json_object and self.json is not None:
+            raise ValueError("StructuredOutputsParams: give json or json_object, not both")
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -37,6 +60,7 @@ class SamplingParams:
     guided_json: dict | str | None = field(default=None, hash=False)
     # The regex the completion must match (guided_regex, or guided_json's), set by the engine.
     structured_regex: str | None = None
+    structured_outputs: StructuredOutputsParams | None = field(default=None, hash=False)  # vLLM's newer shape
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     detokenize: bool = True  # False: token ids only (benchmarks); stop strings need text
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -47,6 +71,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.structured_outputs is not None:
+            for name, value in self.structured_outputs.guided_fields().items():
+                if getattr(self, name) is not None:
+                    raise ValueError(f"SamplingParams: give structured_outputs or {name}, not both")
+                object.__setattr__(self, name, value)
         if self.guided_choice is not None:
             object.__setattr__(self, "guided_choice", tuple(self.guided_choice))
         if self.allowed_token_ids is not None:

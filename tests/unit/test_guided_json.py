@@ -105,3 +105,18 @@ def test_bits_unpack_on_the_device_as_numpy_packs_them():
     assert torch.equal(unpack_bits(bits, 21), torch.from_numpy(masks))
     wider = unpack_bits(bits, 30)  # a model vocabulary past the tokenizer's
     assert torch.equal(wider[:, :21], torch.from_numpy(masks)) and not wider[:, 21:].any()
+
+
+def test_structured_outputs_params_map_onto_the_guided_fields():
+    from driver import SamplingParams, StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert SamplingParams(structured_outputs=StructuredOutputsParams(json=schema)).guided_json == schema
+    assert SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")).guided_regex == "a+"
+    assert SamplingParams(structured_outputs=StructuredOutputsParams(choice=["x", "y"])).guided_choice == ("x", "y")
+    assert SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True)).guided_json == \
+        {"type": "object"}
+    with pytest.raises(ValueError, match="not both"):
+        SamplingParams(guided_regex="b", structured_outputs=StructuredOutputsParams(regex="a"))
+    with pytest.raises(ValueError, match="at most one of"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a", choice=["a"]))
