@@ -40,7 +40,7 @@ ENGINE_HELP = {
                         "(hides driver and Ray time; default: on)",
     "scheduling_policy": "fcfs (arrival order) or priority (each request's priority, lower first, then arrival)",
     "enable_lora": "serve LoRA adapters (PEFT checkpoints) beside the base weights",
-    "max_loras": "most adapters one engine loads (each stays resident)",
+    "max_loras": "adapter slots on each worker: most adapters in one batch (others wait; idle ones are swapped out)",
     "max_lora_rank": "largest adapter rank accepted",
     "steps_in_flight": "with async scheduling, steps queued at once; 3 takes the driver's round trip off "
                        "the GPU's path where it is longer than a step",

@@ -136,7 +136,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class LoRAConfig:
     enable_lora: bool = False  # serve LoRA adapters (LoRARequest) beside the base weights
-    max_loras: int = 4  # adapters one engine loads; each stays resident once used
+    max_loras: int = 4  # adapter slots: most adapters in one batch (idle ones give their slot up)
     max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
@@ -168,7 +168,7 @@ class ServeConfig:
     # placement groups). None: num_replicas engines, always.
     autoscaling_config: dict | None = field(default=None, hash=False)
     # LoRA adapters served as models of their own ({name: PEFT directory}, vLLM's --lora-modules);
-    # the engine needs enable_lora and max_loras >= their number.
+    # the engine needs enable_lora.
     lora_modules: dict | None = field(default=None, hash=False)
     # Chat replies' reasoning into `reasoning_content` (driver/reasoning_parsers.py: deepseek_r1).
     reasoning_parser: str | None = None

@@ -58,7 +58,8 @@ class LLMEngine:
         eos = eos_token_ids(config, self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, config.cache, config.model.max_model_len,
                                    self.executor.num_gpu_blocks, self.executor.num_cpu_blocks,
-                                   eos_token_ids=eos)
+                                   eos_token_ids=eos,
+                                   max_loras=config.lora.max_loras if config.lora.enable_lora else 0)
         self.metrics = EngineMetrics()
         self.groups: dict[str, SequenceGroup] = {}
         self.texts: dict[str, _TextState] = {}
@@ -67,7 +68,7 @@ class LLMEngine:
         s = config.scheduler
         self._max_in_flight = s.steps_in_flight if s.async_scheduling else 1
         self.dead: Exception | None = None
-        self._loras: dict[int, LoRARequest] = {}  # adapters seen, by lora_int_id (at most max_loras)
+        self._loras: dict[int, LoRARequest] = {}  # adapters seen, by lora_int_id
 
     # ---- requests ----
 
@@ -120,9 +121,6 @@ class LLMEngine:
         if known is not None and known.lora_path != lora.lora_path:
             raise ValueError(f"lora_int_id {lora.lora_int_id} is already {known.lora_path!r}; give "
                              f"{lora.lora_path!r} its own id")
-        if known is None and len(self._loras) >= c.max_loras:
-            raise ValueError(f"this engine serves at most max_loras={c.max_loras} adapters "
-                             f"({sorted(x.lora_name for x in self._loras.values())}); raise max_loras")
         if known is None:
             check_adapter(lora.lora_path, c.max_lora_rank)  # here: a bad adapter fails its own request
             self._loras[lora.lora_int_id] = lora

@@ -46,4 +46,51 @@ def check_adapter(path: str, max_rank: int) -> dict:
     return config
 
 
-__all__ = ["LoRARequest", "SUPPORTED_TARGETS", "PEFT_PREFIX", "check_adapter"]
+class LoRASlots:
+    """Which adapter each of the workers' max_loras slots holds. The scheduler decides: a
+    sequence runs only with its adapter in a slot, and a slot changes hands only when no
+    running sequence uses its adapter (least recently admitted first). Each change goes to
+    the workers once, in the next SchedulerOutput's lora_loads, before that step's forward;
+    a step in flight that still reads the old adapter is ahead of the load on the stream."""
+
+    def __init__(self, max_loras: int):
+        self.max_loras = max_loras
+        self.slot_of: dict[int, int] = {}  # resident lora_int_id -> slot
+        self._last_used: dict[int, int] = {}  # resident lora_int_id -> admission clock
+        self._clock = 0
+        self._loads: list[tuple[LoRARequest, int]] = []
+
+    def can_run(self, lora_id: int, running) -> bool:
+        """A sequence of adapter lora_id (0: none) may start beside the `running` sequences
+        (anything with a lora_id, or those ids)."""
+        in_use = _ids(running)
+        return (not lora_id or lora_id in self.slot_of or len(self.slot_of) < self.max_loras
+                or any(i not in in_use for i in self.slot_of))
+
+    def acquire(self, request: LoRARequest, running) -> None:
+        """Make request's adapter resident (can_run said it may be)."""
+        in_use = _ids(running)
+        self._clock += 1
+        lora_id = request.lora_int_id
+        if lora_id not in self.slot_of:
+            free = sorted(set(range(self.max_loras)) - set(self.slot_of.values()))
+            if free:
+                slot = free[0]
+            else:
+                victim = min((i for i in self.slot_of if i not in in_use), key=self._last_used.__getitem__)
+                slot = self.slot_of.pop(victim)
+                del self._last_used[victim]
+            self.slot_of[lora_id] = slot
+            self._loads.append((request, slot))
+        self._last_used[lora_id] = self._clock
+
+    def take_loads(self) -> list[tuple[LoRARequest, int]]:
+        loads, self._loads = self._loads, []
+        return loads
+
+
+def _ids(running) -> set[int]:
+    return {x if isinstance(x, int) else x.lora_id for x in running} - {0}
+
+
+__all__ = ["LoRARequest", "LoRASlots", "SUPPORTED_TARGETS", "PEFT_PREFIX", "check_adapter"]

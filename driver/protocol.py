@@ -62,6 +62,8 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), copy-on-write
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu)
+    # LoRA adapters to load before the forward, each into its slot (driver/lora.py's LoRASlots).
+    lora_loads: list[tuple[LoRARequest, int]] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -11,7 +11,7 @@ scheduling_policy is "priority":
 A step: (1) running sequences, FCFS, preempting the latest arrival when blocks run out;
 (2) if nothing was preempted, swapped sequences come back in; (3) if nothing was
 preempted and nothing is left swapped, waiting sequences are admitted, FCFS, stopping
-at the first that does not fit. The batch lists decodes first, then prefill chunks.
+at the first that does not fit (blocks, max_num_seqs, or with LoRA an adapter slot). The batch lists decodes first, then prefill chunks.
 
 Worker contract (see driver/protocol.py): per step, forget `finished_req_ids` first,
 then register `new_reqs`, apply `cached_reqs` deltas, then do the block operations in
@@ -33,6 +33,7 @@ import time
 
 from driver.block_manager import BlockManager
 from driver.config import CacheConfig, SchedulerConfig
+from driver.lora import LoRASlots
 from driver.protocol import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from driver.sampling_params import SamplingParams
 from driver.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -43,7 +44,7 @@ _S = SequenceStatus
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  max_model_len: int, num_gpu_blocks: int, num_cpu_blocks: int,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), max_loras: int = 0):
         self.config = scheduler_config
         self.block_size = cache_config.block_size
         self.max_model_len = max_model_len
@@ -56,6 +57,7 @@ class Scheduler:
                 f"({max_model_len}), else a long prompt could never be scheduled")
         self.block_manager = BlockManager(cache_config.block_size, num_gpu_blocks, num_cpu_blocks,
                                           cache_config.enable_prefix_caching)
+        self.lora_slots = LoRASlots(max_loras) if max_loras else None  # with enable_lora
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.swapped: list[Sequence] = []
@@ -168,6 +170,8 @@ class Scheduler:
             if not self.swapped:
                 self._schedule_waiting(budget, scheduled)
         entries = self._build_output(out, scheduled, resend)
+        if self.lora_slots is not None:
+            out.lora_loads = self.lora_slots.take_loads()
         if entries:
             self._in_flight[out.step_id] = entries
         return out
@@ -238,6 +242,13 @@ class Scheduler:
             seq.reset_for_recompute()
             bisect.insort(self.waiting, seq, key=self._key)
 
+    def _lora_fits(self, seq: Sequence) -> bool:
+        return self.lora_slots is None or self.lora_slots.can_run(seq.lora_id, self.running)
+
+    def _acquire_lora(self, seq: Sequence) -> None:
+        if self.lora_slots is not None and seq.lora_id:
+            self.lora_slots.acquire(self._group_of[seq.seq_id].lora_request, self.running)
+
     def _num_seq_slots(self) -> int:
         """Running sequences, counting an unforked parent as the n it will become."""
         return sum(self._slots(s) for s in self.running)
@@ -254,7 +265,7 @@ class Scheduler:
             seq = self.swapped[0]
             # (A token in flight comes before it may resume: resuming without it would lose
             # it. At two steps in flight the order of updates rules this out; at three not.)
-            if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs:
+            if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs or not self._lora_fits(seq):
                 break
             num_new = self._num_new_tokens(seq, budget)
             # An unforked parent is forked right after reaching its target while running,
@@ -262,6 +273,7 @@ class Scheduler:
             if num_new == 0 or not bm.can_swap_in(seq, num_new):
                 break
             self.swapped.pop(0)
+            self._acquire_lora(seq)
             out.blocks_to_swap_in.extend(bm.swap_in(seq))
             copies = bm.append_slots(seq, num_new)
             assert copies == [], "swapped-in blocks are private: no copy-on-write"
@@ -278,7 +290,7 @@ class Scheduler:
         bm, slots = self.block_manager, self._num_seq_slots()
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs:
+            if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs or not self._lora_fits(seq):
                 break
             num_cached = bm.num_cached_prefix_tokens(seq)
             num_new = self._num_new_tokens(seq, budget, num_computed=num_cached)
@@ -289,6 +301,7 @@ class Scheduler:
             if (num_new == 0 and not ready_to_fork) or not bm.can_allocate(seq, num_new):
                 break
             self.waiting.pop(0)
+            self._acquire_lora(seq)
             assert bm.allocate_prefix(seq) == num_cached
             copies = bm.append_slots(seq, num_new)
             assert copies == [], "a freshly admitted sequence shares nothing to copy"
@@ -388,17 +401,9 @@ class Scheduler:
             self._finish(seq, status)
 
     # ---- stats and checks -----------------------------------------------------------------
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def num_swapped(self) -> int:
-        return len(self.swapped)
+    num_running = property(lambda self: len(self.running))
+    num_waiting = property(lambda self: len(self.waiting))
+    num_swapped = property(lambda self: len(self.swapped))
 
     def live_seqs(self) -> list[Sequence]:
         return self.running + self.swapped + self.waiting

@@ -147,8 +147,6 @@ def check_lora_modules(engine_config: EngineConfig, serve_config: ServeConfig) -
     modules, lora = serve_config.lora_modules or {}, engine_config.lora
     if modules and not lora.enable_lora:
         raise ValueError("--lora-modules needs an engine with LoRA on: add --enable-lora")
-    if len(modules) > lora.max_loras:
-        raise ValueError(f"{len(modules)} LoRA modules but max_loras={lora.max_loras}; raise --max-loras")
     for path in modules.values():
         check_adapter(path, lora.max_lora_rank)
 

@@ -85,8 +85,8 @@ class LoRALayer:
 
 
 class LoRAManager:
-    """The model's LoRA layers and slots. An adapter keeps its slot once loaded (at most
-    max_loras per engine, which the engine enforces first)."""
+    """The model's LoRA layers and slots. The driver picks the slot of each adapter
+    (driver/lora.py's LoRASlots) and says when to load one, replacing the slot's previous."""
 
     def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int):
         self.model, self.max_loras, self.max_rank = model, max_loras, max_lora_rank
@@ -95,7 +95,7 @@ class LoRAManager:
         self.batch = LoRABatch(max_loras, param.device, param.dtype)
         model.model.lora_batch = self.batch  # the fused decode path steps aside for LoRA rows
         self.layers: dict[str, LoRALayer] = {}  # module name -> its LoRA state
-        self.slots: dict[int, int] = {}  # lora_int_id -> slot
+        self.slots: dict[int, int] = {}  # resident lora_int_id -> slot
         self._parts = {ckpt: (param, shard) for param, ckpt, shard in model.stacked_params_mapping}
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in TARGET_LAYERS:
@@ -103,11 +103,8 @@ class LoRAManager:
         nbytes = sum(t.numel() * t.element_size() for layer in self.layers.values() for t in (layer.a, layer.bt))
         logger.info("LoRA slots: %d adapters of rank <= %d, %.1f MiB", max_loras, max_lora_rank, nbytes / 2**20)
 
-    def ensure_loaded(self, request: LoRARequest) -> None:
-        if request.lora_int_id in self.slots:
-            return
-        if len(self.slots) >= self.max_loras:
-            raise ValueError(f"more than max_loras={self.max_loras} adapters; raise max_loras")
+    def load(self, request: LoRARequest, slot: int) -> None:
+        """Put request's adapter into `slot` (whatever held it before is gone)."""
         config, tensors = read_adapter(request.lora_path, self.max_rank)
         scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
         by_module: dict[str, dict] = {}  # our module name -> {part: (A, B)}
@@ -118,12 +115,12 @@ class LoRAManager:
             module, part = self._module_of(key[len(PEFT_PREFIX):].split(".lora_A.")[0])
             by_module.setdefault(module, {})[part] = (a.to(self.device, torch.float32),
                                                       b.to(self.device, torch.float32) * scale)
-        slot = len(self.slots)
         for module, layer in self.layers.items():
             a, b = layer.slot(slot)
             a.zero_(), b.zero_()
             if module in by_module:
                 _load_slot(self.model.get_submodule(module), layer, a, b, by_module[module])
+        self.slots = {i: s for i, s in self.slots.items() if s != slot}
         self.slots[request.lora_int_id] = slot
 
     def _module_of(self, ckpt_module: str) -> tuple[str, object]:

@@ -119,6 +119,8 @@ class ModelRunner:
                                                                       device)
 
     def update_states(self, so: SchedulerOutput) -> None:
+        for request, slot in so.lora_loads:  # (the driver sends them only with enable_lora)
+            self.lora.load(request, slot)
         for req_id in so.finished_req_ids:
             state = self.requests.pop(req_id, None)
             self._prompt_lp_ids.discard(req_id)
@@ -140,8 +142,7 @@ class ModelRunner:
             if new.pooling_params is not None:
                 state.pooling_params = new.pooling_params
                 self._pooling_ids.add(new.req_id)
-            if new.lora_request is not None:
-                self.lora.ensure_loaded(new.lora_request)  # (the engine refuses adapters without enable_lora)
+            if new.lora_request is not None:  # (loaded by now: the driver schedules it only so)
                 state.lora_id = new.lora_request.lora_int_id
         for delta in so.cached_reqs:
             state = self.requests[delta.req_id]

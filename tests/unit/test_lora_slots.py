@@ -35,8 +35,8 @@ def loaded(llama_ckpt, tmp_path_factory):
                                       r=4, alpha=8, seed=2)
     model = _load(llama_ckpt)
     manager = LoRAManager(model, max_loras=3, max_lora_rank=8)
-    manager.ensure_loaded(LoRARequest("qv", 2, qv))  # slot 0
-    manager.ensure_loaded(LoRARequest("every", 1, every))  # slot 1
+    manager.load(LoRARequest("qv", 2, qv), 0)
+    manager.load(LoRARequest("every", 1, every), 1)
     return model, manager, {0: model, 1: _load(every_merged), 2: _load(qv_merged)}
 
 
@@ -66,11 +66,17 @@ def test_dense_and_grouped_equal_the_merged_weights(loaded):
         torch.testing.assert_close(dense, want, atol=1e-5, rtol=1e-5)
 
 
-def test_slots_fill_up(loaded, tmp_path, llama_ckpt):
-    _, manager, _ = loaded
+def test_a_load_replaces_the_slots_adapter(loaded, tmp_path, llama_ckpt):
+    model, manager, references = loaded
     assert manager.slots_of([SimpleNamespace(lora_id=0)] * 3) is None  # base rows only: no LoRA work
-    third, _ = make_lora_adapter(str(tmp_path), llama_ckpt, ["o_proj"], r=2, seed=3)
-    manager.ensure_loaded(LoRARequest("third", 3, third))
-    assert manager.slots == {2: 0, 1: 1, 3: 2}
-    with pytest.raises(ValueError, match="max_loras=3"):
-        manager.ensure_loaded(LoRARequest("fourth", 4, third))
+    third, third_merged = make_lora_adapter(str(tmp_path), llama_ckpt, ["o_proj"], r=2, seed=3)
+    manager.load(LoRARequest("third", 3, third), 0)  # qv's slot
+    assert manager.slots == {1: 1, 3: 0}
+    layer, name = model.model.layers[0].self_attn.o_proj, "model.layers.0.self_attn.o_proj"
+    x = torch.randn(2, layer.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    manager.set_groups(manager.slots_of([SimpleNamespace(lora_id=3)]), [2])
+    got = layer(x)
+    manager.set_groups(None, [2])
+    torch.testing.assert_close(got, F.linear(x, _load(third_merged).get_submodule(name).weight), atol=1e-5, rtol=1e-5)
+    # qkv_proj, which "third" leaves alone, lost qv's weights in slot 0: zeros now
+    assert not manager.layers["model.layers.0.self_attn.qkv_proj"].slot(0)[0].any()
