@@ -210,6 +210,8 @@ def _structured(body: dict) -> dict:
            "guided_json": structured.get("json", _field(body, "guided_json", (dict, str)))}
     fmt = _field(body, "response_format", (dict,), {})
     kind = fmt.get("type", "text")
+    if kind != "text" and out["guided_json"] is not None:
+        raise APIError("give 'response_format' or a JSON schema of vLLM's fields, not both", param="response_format")
     if kind == "json_object":
         out["guided_json"] = {"type": "object"}
     elif kind == "json_schema":

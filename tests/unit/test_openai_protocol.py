@@ -87,6 +87,7 @@ def test_scoring_and_steering_fields(tok):
     ({"prompt": "hi", "response_format": {"type": "yaml"}}, "response_format", "'text', 'json_object' or"),
     ({"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format", "needs {'json_schema'"),
     ({"prompt": "hi", "guided_regex": 5}, "guided_regex", "must be str"),
+    ({"prompt": "hi", "guided_json": {}, "response_format": {"type": "json_object"}}, "response_format", "not both"),
     ({"prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}, None, "at most one of"),
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": []}, "prompt", "'prompt' must be"),
