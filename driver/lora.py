@@ -60,14 +60,13 @@ class LoRASlots:
         self._clock = 0
         self._loads: list[tuple[LoRARequest, int]] = []
 
-    def can_run(self, lora_id: int, running) -> bool:
-        """A sequence of adapter lora_id (0: none) may start beside the `running` sequences
-        (anything with a lora_id, or those ids)."""
+    def can_run(self, lora_id: int, running: list) -> bool:
+        """A sequence of adapter lora_id (0: none) may start beside the `running` sequences."""
         in_use = _ids(running)
         return (not lora_id or lora_id in self.slot_of or len(self.slot_of) < self.max_loras
                 or any(i not in in_use for i in self.slot_of))
 
-    def acquire(self, request: LoRARequest, running) -> None:
+    def acquire(self, request: LoRARequest, running: list) -> None:
         """Make request's adapter resident (can_run said it may be)."""
         in_use = _ids(running)
         self._clock += 1
@@ -89,8 +88,9 @@ class LoRASlots:
         return loads
 
 
-def _ids(running) -> set[int]:
-    return {x if isinstance(x, int) else x.lora_id for x in running} - {0}
+def _ids(running: list) -> set[int]:
+    """The adapters of these sequences."""
+    return {s.lora_id for s in running if s.lora_id}
 
 
 __all__ = ["LoRARequest", "LoRASlots", "SUPPORTED_TARGETS", "PEFT_PREFIX", "check_adapter"]

@@ -78,8 +78,9 @@ class GraphInputs:
             for name, dtype, pad in self.ROWS:
                 rows = self._view(host, name).view(dtype)
                 values = getattr(r, _ROW_FIELDS.get(name, name))
-                if values is None:  # (lora_slots of a step without adapters)
-                    values = np.full(b, pad, dtype)
+                if values is None:  # (lora_slots of a step without adapters: all pad)
+                    rows[:] = pad
+                    continue
                 rows[:len(values)] = values
                 if pad is not None:
                     rows[b:] = pad

@@ -71,6 +71,7 @@ class Rows:
     sample_ids: list[str] = field(default_factory=list)
     gather_rows: np.ndarray | None = None  # int64: inputs still PLACEHOLDERs ...
     gather_src: np.ndarray | None = None  # ... and their rows in the previous step's tokens
+    lora_slots: np.ndarray | None = None  # [B] int64, a LoRA graph step's adapter slot per row (-1: none)
 
 
 def decode_rows(states: list, table_rows: np.ndarray, tables: BlockTables, block_size: int) -> Rows:

@@ -64,13 +64,9 @@ class TokenFSM:
         self.dfa, self.vocab = DFA(pattern), vocab
         self._bits: dict[int, np.ndarray] = {}
 
-    def allowed(self, state: int) -> np.ndarray:
-        """The token ids [k] int64 whose bytes lead from `state` to a live state."""
-        return np.flatnonzero(self.mask(state))
-
     def mask(self, state: int) -> np.ndarray:
-        """[vocab size] bool: True for the tokens allowed from `state` (a fresh array)."""
-        return np.unpackbits(self.bits(state), count=self.vocab.size).astype(bool)
+        """[vocab size] bool: True for the tokens whose bytes lead from `state` to a live state."""
+        return PackedMask(self.bits(state), self.vocab.size).to_bool()
 
     def bits(self, state: int) -> np.ndarray:
         """mask(state) packed (np.packbits: token t is bit 7 - t % 8 of byte t // 8); cached,

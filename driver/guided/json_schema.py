@@ -48,9 +48,9 @@ def schema_to_regex(schema: dict | bool | str) -> str:
     return _Converter(schema).convert(schema, 0)
 
 
-def free_json_regex(depth: int = FREE_DEPTH, top_object: bool = True) -> str:
-    """Any JSON object (or any value) nested up to `depth` levels."""
-    return _free_object(depth) if top_object else _free_value(depth)
+def free_json_regex(depth: int = FREE_DEPTH) -> str:
+    """Any JSON object nested up to `depth` levels."""
+    return _free_object(depth)
 
 
 def _alt(options: list[str]) -> str:

@@ -2,6 +2,8 @@
 adapter in one of max_loras slots; a slot changes hands only when no running sequence uses
 its adapter, least recently admitted first; each change reaches the workers once, in the
 SchedulerOutput of the step that first needs it."""
+from types import SimpleNamespace
+
 from driver.config import CacheConfig, SchedulerConfig
 from driver.lora import LoRARequest, LoRASlots
 from driver.protocol import ModelRunnerOutput
@@ -9,19 +11,25 @@ from driver.sampling_params import SamplingParams
 from driver.scheduler import Scheduler
 from driver.sequence import SequenceGroup
 
+def _running(*lora_ids: int) -> list[SimpleNamespace]:
+    """Running sequences of these adapters (and one of the base weights)."""
+    return [SimpleNamespace(lora_id=i) for i in (0, *lora_ids)]
+
+
 A, B, C = (LoRARequest(name, i, f"/adapters/{name}") for i, name in ((1, "a"), (2, "b"), (3, "c")))
 
 
 def test_slots_evict_the_least_recently_admitted_idle_adapter():
     slots = LoRASlots(2)
-    slots.acquire(A, set())
-    slots.acquire(B, {1})
+    slots.acquire(A, _running())
+    slots.acquire(B, _running(1))
     assert slots.take_loads() == [(A, 0), (B, 1)] and slots.take_loads() == []
-    assert slots.can_run(1, {1, 2}) and slots.can_run(0, {1, 2}) and not slots.can_run(3, {1, 2})
-    slots.acquire(A, {2})  # resident: no load, but it is now the most recently admitted
-    slots.acquire(C, {2})  # B is running: A goes, even though B is older
+    both = _running(1, 2)
+    assert slots.can_run(1, both) and slots.can_run(0, both) and not slots.can_run(3, both)
+    slots.acquire(A, _running(2))  # resident: no load, but it is now the most recently admitted
+    slots.acquire(C, _running(2))  # B is running: A goes, even though B is older
     assert slots.take_loads() == [(C, 0)] and slots.slot_of == {2: 1, 3: 0}
-    slots.acquire(A, set())  # B (admitted before C) is the least recently admitted
+    slots.acquire(A, _running())  # B (admitted before C) is the least recently admitted
     assert slots.take_loads() == [(A, 1)] and slots.slot_of == {3: 0, 1: 1}
 
 
