@@ -15,6 +15,7 @@ EngineDeadError: nothing waits forever.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -107,7 +108,9 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            # In a fresh context: the request's would make the core's output stream a child of
+            # this request's Ray task, which Ray cancels with it when its client disconnects.
+            self._reader = asyncio.get_running_loop().create_task(self._read(), context=contextvars.Context())
         stream = self._streams[request_id] = RequestStream(request_id, prompt)
         self.core.add.remote(request_id, prompt, params, lora_request, priority)
         return self._outputs(stream)

@@ -26,6 +26,20 @@ def _metrics(url: str) -> dict[str, float]:
     return {k: float(v) for k, v in (line.split() for line in text.splitlines() if not line.startswith("#"))}
 
 
+def test_first_request_disconnecting_leaves_the_engine_serving(server, client):
+    """Run first in this module: the server's first request starts the reader of the engine's
+    outputs, and its client going away (which Ray Serve turns into cancelling the request's
+    Ray task, and Ray into cancelling that task's children) must not stop that reader."""
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60, headers=AUTH) as http:
+        with http.stream("POST", server[1] + "/v1/completions", json=body) as r:
+            assert next(r.iter_lines()).startswith("data: {")
+    time.sleep(1)  # (the cancellation reaches the replica)
+    out = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3
+    assert httpx.get(server[1] + "/health", timeout=10).status_code == 200
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -364,8 +378,12 @@ def test_overload_is_refused_at_once_and_disconnects_free_the_blocks(server):
         time.sleep(0.2)
     assert m["raytp_requests_in_flight"] == 0 and m["raytp_num_running"] == 0
     assert m["raytp_num_free_gpu_blocks"] == blocks
+    # Aborted, not run to their ends: none of them finished (aborts are not counted as
+    # finished), and not all of their tokens were generated. (How many were depends on how
+    # fast this machine runs the tiny model; CI once saw ~1,000 of 2,000 per request.)
+    assert m["raytp_requests_finished_total"] == before["raytp_requests_finished_total"]
     generated = m["raytp_generation_tokens_total"] - before["raytp_generation_tokens_total"]
-    assert generated < MAX_REQUESTS * 2000 / 2  # aborted well before their ends
+    assert generated < MAX_REQUESTS * 2000
 
 
 @pytest.mark.parametrize("victim", ["-tp0", "core-"])
