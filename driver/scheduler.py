@@ -11,7 +11,8 @@ scheduling_policy is "priority":
 A step: (1) running sequences, FCFS, preempting the latest arrival when blocks run out;
 (2) if nothing was preempted, swapped sequences come back in; (3) if nothing was
 preempted and nothing is left swapped, waiting sequences are admitted, FCFS, stopping
-at the first that does not fit (blocks, max_num_seqs, or with LoRA an adapter slot). The batch lists decodes first, then prefill chunks.
+at the first that does not fit (blocks, max_num_seqs, or with LoRA an adapter slot).
+The batch lists decodes first, then prefill chunks.
 
 Worker contract (see driver/protocol.py): per step, forget `finished_req_ids` first,
 then register `new_reqs`, apply `cached_reqs` deltas, then do the block operations in
@@ -242,12 +243,18 @@ class Scheduler:
             seq.reset_for_recompute()
             bisect.insort(self.waiting, seq, key=self._key)
 
-    def _lora_fits(self, seq: Sequence) -> bool:
-        return self.lora_slots is None or self.lora_slots.can_run(seq.lora_id, self.running)
+    def _can_admit(self, seq: Sequence, slots: int) -> bool:
+        """Room among the running (max_num_seqs, an adapter slot), and no token of seq in
+        flight (resuming without it would lose it; two steps in flight rule that out)."""
+        return not seq.num_pending and slots + self._slots(seq) <= self.config.max_num_seqs and \
+            (self.lora_slots is None or self.lora_slots.can_run(seq.lora_id, self.running))
 
-    def _acquire_lora(self, seq: Sequence) -> None:
+    def _start_running(self, seq: Sequence, queue: list[Sequence]) -> None:
+        queue.pop(0)
         if self.lora_slots is not None and seq.lora_id:
             self.lora_slots.acquire(self._group_of[seq.seq_id].lora_request, self.running)
+        seq.status = _S.RUNNING
+        bisect.insort(self.running, seq, key=self._key)
 
     def _num_seq_slots(self) -> int:
         """Running sequences, counting an unforked parent as the n it will become."""
@@ -263,22 +270,17 @@ class Scheduler:
         bm, slots = self.block_manager, self._num_seq_slots()
         while self.swapped:
             seq = self.swapped[0]
-            # (A token in flight comes before it may resume: resuming without it would lose
-            # it. At two steps in flight the order of updates rules this out; at three not.)
-            if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs or not self._lora_fits(seq):
+            if not self._can_admit(seq, slots):
                 break
             num_new = self._num_new_tokens(seq, budget)
             # An unforked parent is forked right after reaching its target while running,
             # so a swapped one always has tokens left to compute.
             if num_new == 0 or not bm.can_swap_in(seq, num_new):
                 break
-            self.swapped.pop(0)
-            self._acquire_lora(seq)
+            self._start_running(seq, self.swapped)
             out.blocks_to_swap_in.extend(bm.swap_in(seq))
             copies = bm.append_slots(seq, num_new)
             assert copies == [], "swapped-in blocks are private: no copy-on-write"
-            seq.status = _S.RUNNING
-            bisect.insort(self.running, seq, key=self._key)
             slots += self._slots(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
@@ -290,7 +292,7 @@ class Scheduler:
         bm, slots = self.block_manager, self._num_seq_slots()
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if seq.num_pending or slots + self._slots(seq) > self.config.max_num_seqs or not self._lora_fits(seq):
+            if not self._can_admit(seq, slots):
                 break
             num_cached = bm.num_cached_prefix_tokens(seq)
             num_new = self._num_new_tokens(seq, budget, num_computed=num_cached)
@@ -300,13 +302,10 @@ class Scheduler:
             ready_to_fork = not group.forked and num_cached >= group.prefill_target
             if (num_new == 0 and not ready_to_fork) or not bm.can_allocate(seq, num_new):
                 break
-            self.waiting.pop(0)
-            self._acquire_lora(seq)
+            self._start_running(seq, self.waiting)
             assert bm.allocate_prefix(seq) == num_cached
             copies = bm.append_slots(seq, num_new)
             assert copies == [], "a freshly admitted sequence shares nothing to copy"
-            seq.status = _S.RUNNING
-            bisect.insort(self.running, seq, key=self._key)
             slots += self._slots(seq)
             if num_new:
                 scheduled.append((seq, num_new))
