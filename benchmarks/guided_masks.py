@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     token_bytes = synthetic_vocab(args.vocab)
     vocab = Vocab(token_bytes)
     start = time.perf_counter()
-    nodes = len(vocab.trie[0])
+    nodes = vocab.trie.num_nodes
     trie_s = time.perf_counter() - start
     single = {data[0]: tid for tid, data in enumerate(token_bytes) if len(data) == 1}
     rows, results = [], []

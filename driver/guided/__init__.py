@@ -3,8 +3,9 @@ sequence may sample next are those whose bytes keep its output inside a regular 
 
 A pattern compiles to a byte DFA (driver/guided/regex.py; JSON schemas become patterns in
 driver/guided/json_schema.py). Over a vocabulary (each token's bytes), `TokenFSM.bits`
-walks a trie of all tokens along the DFA once per DFA state and caches, as bits, the tokens
-that survive. `GuidedCursor` follows one sequence: its DFA state after its output so far.
+walks a trie of all tokens along the DFA once per DFA state (a depth of the trie at a time,
+in numpy) and caches, as bits, the tokens that survive. `GuidedCursor` follows one
+sequence: its DFA state after its output so far.
 
 The driver (to end a sequence whose output is complete) and rank 0's sampler (to mask the
 logits) each hold the vocabulary, set once per process with `set_vocab`, and compile a
@@ -20,40 +21,48 @@ import numpy as np
 from driver.guided.regex import DEAD, DFA
 
 _vocab: "Vocab | None" = None
+UNBUILT = -2  # in TokenFSM's table: a state whose row the DFA has not built yet
 
 
 class Vocab:
-    """Each token id's bytes (None: a special token, which no pattern allows), as a trie."""
+    """Each token id's bytes (None: a special token, which no pattern allows), and the trie
+    of them, flattened breadth first for numpy: node 0 is the root, each depth's nodes are
+    contiguous, and every node's parent has a smaller id."""
 
     def __init__(self, token_bytes: list[bytes | None]):
         self.size = len(token_bytes)
         self.token_bytes = token_bytes
-        self._trie: tuple[list, list] | None = None
+        self._trie: Trie | None = None
 
     @property
-    def trie(self) -> tuple[list[dict[int, int]], list[list[int]]]:
-        """(node -> {byte: child node}, node -> the token ids its path spells); root 0.
-        Built on first use (a second or so for a 128k vocabulary)."""
+    def trie(self) -> "Trie":
+        """Built on first use (half a second or so for a 128k vocabulary)."""
         if self._trie is None:
-            self._trie = self._build()
+            self._trie = Trie(self.token_bytes)
         return self._trie
 
-    def _build(self) -> tuple[list, list]:
-        children: list[dict[int, int]] = [{}]
-        tokens: list[list[int]] = [[]]
-        for tid, data in enumerate(self.token_bytes):
-            if not data:
-                continue
-            node = 0
-            for b in data:
-                nxt = children[node].get(b)
-                if nxt is None:
-                    nxt = children[node][b] = len(children)
-                    children.append({})
-                    tokens.append([])
-                node = nxt
-            tokens[node].append(tid)
-        return children, tokens
+
+class Trie:
+    """parent[node], byte[node] (the byte from parent to node), depths[d] = (first, end) of
+    depth d + 1's nodes, token_node[token id] (-1 for None tokens)."""
+
+    def __init__(self, token_bytes: list[bytes | None]):
+        ids: dict[bytes, int] = {b"": 0}
+        parent, byte, self.depths = [0], [0], []
+        depth = 1
+        while True:
+            level = sorted({t[:depth] for t in token_bytes if t and len(t) >= depth})
+            if not level:
+                break
+            self.depths.append((len(parent), len(parent) + len(level)))
+            for prefix in level:
+                ids[prefix] = len(parent)
+                parent.append(ids[prefix[:-1]])
+                byte.append(prefix[-1])
+            depth += 1
+        self.parent, self.byte = np.array(parent, np.int64), np.array(byte, np.uint8)
+        self.token_node = np.array([ids[t] if t else -1 for t in token_bytes], np.int64)
+        self.num_nodes = len(parent)
 
 
 class TokenFSM:
@@ -63,6 +72,9 @@ class TokenFSM:
     def __init__(self, pattern: str, vocab: Vocab):
         self.dfa, self.vocab = DFA(pattern), vocab
         self._bits: dict[int, np.ndarray] = {}
+        # The DFA's transitions as an array, a row per state once the DFA built it (UNBUILT
+        # until then); row -1, which DEAD indexes, is all DEAD, so dead stays dead.
+        self._table = np.full((1, 256), DEAD, np.int32)
 
     def mask(self, state: int) -> np.ndarray:
         """[vocab size] bool: True for the tokens whose bytes lead from `state` to a live state."""
@@ -73,22 +85,37 @@ class TokenFSM:
         so not to be written."""
         bits = self._bits.get(state)
         if bits is None:
-            (children, tokens), transitions = self.vocab.trie, self.dfa.transitions
-            out: list[int] = []
-            stack = [(0, state)]
-            while stack:
-                node, s = stack.pop()
-                row = transitions(s)
-                for b, child in children[node].items():
-                    nxt = row[b]
-                    if nxt != DEAD:
-                        out.extend(tokens[child])
-                        if children[child]:
-                            stack.append((child, nxt))
-            mask = np.zeros(self.vocab.size, dtype=bool)
-            mask[out] = True
-            bits = self._bits[state] = np.packbits(mask)
+            trie = self.vocab.trie
+            node_state = np.empty(trie.num_nodes, np.int32)  # each trie node's DFA state from `state`
+            node_state[0] = state
+            for first, end in trie.depths:  # a depth at a time: parents are done first
+                from_states, by = node_state[trie.parent[first:end]], trie.byte[first:end]
+                node_state[first:end] = self._step(from_states, by)
+            live = node_state[trie.token_node] != DEAD
+            live[trie.token_node < 0] = False
+            bits = self._bits[state] = np.packbits(live)
         return bits
+
+    def _step(self, states: np.ndarray, by: np.ndarray) -> np.ndarray:
+        """The next state of each (state, byte) pair, building the rows the DFA lacks."""
+        self._grow()
+        nxt = self._table[states, by]
+        unbuilt = nxt == UNBUILT
+        if unbuilt.any():
+            for s in np.unique(states[unbuilt]).tolist():
+                row = self.dfa.transitions(s)
+                self._grow()  # (the row may name new states)
+                self._table[s] = row
+            nxt[unbuilt] = self._table[states[unbuilt], by[unbuilt]]
+        return nxt
+
+    def _grow(self) -> None:
+        """Rows for every state the DFA has, plus the DEAD row last."""
+        have, need = len(self._table) - 1, len(self.dfa.accepting)
+        if need > have:
+            table = np.full((max(need, 2 * have) + 1, 256), UNBUILT, np.int32)
+            table[:have], table[-1] = self._table[:have], DEAD
+            self._table = table
 
     def advance(self, state: int, token: int) -> int:
         data = self.vocab.token_bytes[token] if 0 <= token < self.vocab.size else None

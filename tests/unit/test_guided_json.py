@@ -3,6 +3,7 @@ spaces; invalid ones do not; unsupported schemas are refused by name), and the t
 a state's allowed tokens are exactly those whose bytes keep the DFA alive (brute force over
 the test tokenizer's vocabulary), stop ids join only where the output is a match."""
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -82,6 +83,28 @@ def test_allowed_tokens_equal_brute_force(tokenizer):
         assert np.flatnonzero(fsm.mask(state)).tolist() == brute and tid in brute
         state = fsm.advance(state, tid)
     assert fsm.dfa.is_final(state)  # the object is closed
+
+
+@pytest.mark.parametrize("pattern", [schema_to_regex(PERSON), free_json_regex(), r"[a-c]+(\d{2,3}|é+)?"])
+def test_allowed_tokens_equal_brute_force_on_random_vocabularies(pattern):
+    """Random byte strings (shared prefixes, duplicates, non-ASCII bytes, specials as None), and
+    every DFA state a random walk meets, in the lazily built DFA's order of discovery."""
+    rng = np.random.default_rng(zlib.crc32(pattern.encode()))
+    alphabet = list(b'{}[]":, abc-012.eE\\') + [0xC3, 0xA9, 0xFF]
+    vocab_bytes = [bytes(rng.choice(alphabet, size=rng.integers(1, 7)).tolist()) for _ in range(3000)]
+    vocab_bytes += [bytes([b]) for b in range(256)] + [None, None]
+    vocab = Vocab(vocab_bytes)
+    fsm, walked, seen = TokenFSM(pattern, vocab), 0, set()
+    for _ in range(40):
+        state = 0
+        while state != DEAD and walked < 200:
+            brute = [t for t, data in enumerate(vocab_bytes) if data and fsm.dfa.walk(state, data) != DEAD]
+            assert np.flatnonzero(fsm.mask(state)).tolist() == brute
+            walked, _ = walked + 1, seen.add(state)
+            if not brute:
+                break
+            state = fsm.advance(state, int(rng.choice(brute)))
+    assert walked == 200 and len(seen) >= 5  # (the walks met several states)
 
 
 def test_cursor_allows_stop_ids_at_matches_only(tokenizer):
