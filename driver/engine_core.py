@@ -131,6 +131,7 @@ class EngineCore:
         m = self.engine.metrics
         return {"num_running": s.num_running, "num_waiting": s.num_waiting, "num_swapped": s.num_swapped,
                 "num_gpu_blocks": bm.gpu.num_blocks, "num_free_gpu_blocks": bm.num_free_gpu_blocks,
+                "num_preemptions_total": s.num_preempted_total,
                 "prompt_tokens_total": m.num_prompt_tokens, "generation_tokens_total": m.num_generated_tokens,
                 "requests_finished_total": m.num_finished, "engine_steps_total": m.num_steps,
                 "engine_step_seconds_total": round(m.step_time_s, 6),
