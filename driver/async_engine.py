@@ -45,6 +45,7 @@ class RequestStream:
         self.first_token: float | None = None  # when the first output token came
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False  # the reader has seen the last output
+        self.counted = True  # takes a place of max_num_requests (not one reserved earlier)
 
     def apply(self, delta: OutputDelta) -> None:
         if delta.error is not None:
@@ -92,19 +93,21 @@ class AsyncLLMEngine:
         self.core = start_engine_core(config)
         self.dead: Exception | None = None
         self._streams: dict[str, RequestStream] = {}  # added, not yet finished or aborted
+        self._reserved = 0  # places of max_num_requests held by reserve()
         self.metrics = RequestMetrics()  # latency histograms of the requests served here
         self._reader: asyncio.Task | None = None
 
     def generate(self, prompt: list[int], params: SamplingParams | PoolingParams, request_id: str,
-                 lora_request: LoRARequest | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                 lora_request: LoRARequest | None = None, priority: int = 0,
+                 reserved: bool = False) -> AsyncIterator[RequestOutput]:
         """Adds the request now (raising EngineOverloadedError or EngineDeadError at once) and
         returns its outputs; leaving them early (closing, cancellation) aborts the request.
-        A caller that never iterates them must abort() the request itself."""
+        A caller that never iterates them must abort() the request itself. `reserved`: the
+        request takes one of the places its caller holds from reserve(), not a new one."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped earlier: {self.dead}")
-        if len(self._streams) >= self.max_num_requests:
-            raise EngineOverloadedError(f"the server is at its limit of {self.max_num_requests} requests in "
-                                        f"flight (max_num_requests); retry later")
+        if not reserved:
+            self._check_capacity(1)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self._reader is None:
@@ -112,8 +115,24 @@ class AsyncLLMEngine:
             # this request's Ray task, which Ray cancels with it when its client disconnects.
             self._reader = asyncio.get_running_loop().create_task(self._read(), context=contextvars.Context())
         stream = self._streams[request_id] = RequestStream(request_id, prompt)
+        stream.counted = not reserved
         self.core.add.remote(request_id, prompt, params, lora_request, priority)
         return self._outputs(stream)
+
+    def reserve(self, places: int) -> None:
+        """Holds `places` of max_num_requests until release() (a beam search's beams, added
+        anew each step), or raises EngineOverloadedError."""
+        self._check_capacity(places)
+        self._reserved += places
+
+    def release(self, places: int) -> None:
+        self._reserved -= places
+
+    def _check_capacity(self, places: int) -> None:
+        taken = self._reserved + sum(s.counted for s in self._streams.values())
+        if taken + places > self.max_num_requests:
+            raise EngineOverloadedError(f"the server is at its limit of {self.max_num_requests} requests in "
+                                        f"flight (max_num_requests); retry later")
 
     async def _outputs(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
         try:

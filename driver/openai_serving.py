@@ -152,13 +152,21 @@ class OpenAIServing:
     async def _beam_search(self, req: ParsedRequest, call_id: str, beam: BeamSearchParams, chat: bool) -> dict:
         """vLLM's use_beam_search: the n best beams of each prompt as its n choices, whole."""
         search = BeamSearch(req.prompts, beam, eos_token_ids(self.engine.config, self.tokenizer))
-        for step in range(beam.max_tokens):
-            beams = search.beams()
-            if not beams:
-                break
-            gens = self._open([b.tokens for b in beams], search.step_params, f"{call_id}-{step}",
-                              self.loras.get(req.model))
-            search.advance([out.outputs[0].logprobs[0] for out in await _collect(gens)])
+        places = len(req.prompts) * beam.beam_width  # held from the start: never refused midway
+        try:
+            self.engine.reserve(places)
+        except Exception as e:
+            raise engine_error(e) from e
+        try:
+            for step in range(beam.max_tokens):
+                beams = search.beams()
+                if not beams:
+                    break
+                gens = self._open([b.tokens for b in beams], search.step_params, f"{call_id}-{step}",
+                                  self.loras.get(req.model), reserved=True)
+                search.advance([out.outputs[0].logprobs[0] for out in await _collect(gens)])
+        finally:
+            self.engine.release(places)
         choices, generated = [], 0
         for i, (prompt, result) in enumerate(zip(req.prompts, search.results())):
             for j, b in enumerate(result.sequences):
@@ -174,14 +182,15 @@ class OpenAIServing:
                           "total_tokens": prompt_tokens + generated}}
 
     def _open(self, prompts: list[list[int]], params: SamplingParams | PoolingParams, call_id: str,
-              lora: LoRARequest | None = None, priority: int = 0) -> list[AsyncIterator[RequestOutput]]:
+              lora: LoRARequest | None = None, priority: int = 0,
+              reserved: bool = False) -> list[AsyncIterator[RequestOutput]]:
         if priority and self.engine.config.scheduler.scheduling_policy != "priority":
             raise APIError("'priority' needs the server started with --scheduling-policy priority",
                            param="priority")
         gens = []
         try:
             for i, ids in enumerate(prompts):
-                gens.append(self.engine.generate(ids, params, f"{call_id}-{i}", lora, priority))
+                gens.append(self.engine.generate(ids, params, f"{call_id}-{i}", lora, priority, reserved))
         except Exception as e:  # overloaded or dead: take back the prompts already added
             for i in range(len(gens)):
                 self.engine.abort(f"{call_id}-{i}")

@@ -275,7 +275,7 @@ def test_beam_search(server, client):
 
     ckpt, _ = server
     prompts = [[random.Random(k).randrange(3, 500) for _ in range(9)] for k in range(2)]
-    # (each beam is a request in flight: 2 prompts x 2 beams stay within the fixture's limit of 4)
+    # (2 prompts x 2 beams: the fixture's limit of 4 requests in flight)
     out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, n=2,
                                     extra_body={"use_beam_search": True, "ignore_eos": True, "length_penalty": 0.5})
     assert [c.index for c in out.choices] == list(range(4)) and out.usage.completion_tokens == 4 * 4
@@ -291,6 +291,32 @@ def test_beam_search(server, client):
         with pytest.raises(openai.BadRequestError, match="use_beam_search"):
             client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"use_beam_search": True},
                                       **bad)
+
+
+def test_a_beam_search_holds_its_places_from_start_to_end(server, client):
+    """A beam search takes n places of max_num_requests for its whole run (its beams are new
+    requests each step): others are refused past the rest, and it is never refused midway."""
+    import threading
+
+    _, url = server
+    result = {}
+    beam = threading.Thread(target=lambda: result.update(out=client.completions.create(
+        model=MODEL, prompt="go", max_tokens=100, n=2, extra_body={"use_beam_search": True, "ignore_eos": True})))
+    beam.start()
+    deadline = time.monotonic() + 30
+    while not _metrics(url)["raytp_requests_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60, headers=AUTH) as http:
+        opened, statuses = [], []
+        while not statuses or statuses[-1] == 200 and len(statuses) < MAX_REQUESTS:
+            opened.append(http.stream("POST", url + "/v1/completions", json=body))
+            statuses.append(opened[-1].__enter__().status_code)
+        for stream in opened:
+            stream.__exit__(None, None, None)
+    beam.join(timeout=120)
+    assert statuses == [200] * (MAX_REQUESTS - 2) + [503]
+    assert [c.index for c in result["out"].choices] == [0, 1] and result["out"].usage.completion_tokens == 200
 
 
 def test_a_stream_never_sends_part_of_a_stop_string(client):
