@@ -86,6 +86,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--json-schema", metavar="SCHEMA",
                        help="structured output: each completion is JSON this schema allows (the schema's "
                             "JSON text, or a file holding it; {\"type\": \"object\"} for any object)")
+    group.add_argument("--grammar", metavar="GBNF",
+                       help="structured output: each completion matches this grammar's rule root (GBNF, as "
+                            "llama.cpp and vLLM's guided_grammar write it: root ::= ...; the text, or a file)")
     group.add_argument("--presence-penalty", type=float, default=0.0)
     group.add_argument("--frequency-penalty", type=float, default=0.0)
     group.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -172,11 +175,12 @@ def _sampling_params(args):
         seed=args.sampling_seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
         max_tokens=args.max_tokens, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
         presence_penalty=args.presence_penalty, guided_regex=args.regex, guided_json=_schema(args.json_schema),
+        guided_grammar=_schema(args.grammar),
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
 
 
 def _schema(value: str | None) -> str | None:
-    """--json-schema: JSON text, or the path of a file holding it."""
+    """--json-schema / --grammar: the text, or the path of a file holding it."""
     if value is not None and os.path.isfile(value):
         with open(value) as f:
             return f.read()

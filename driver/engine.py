@@ -99,7 +99,7 @@ class LLMEngine:
         if params.guided_choice is not None:  # each choice as the tokenizer spells it
             params = dataclasses.replace(params, choice_token_ids=tuple(
                 tuple(self.tokenizer.encode(c, add_special_tokens=False)) for c in params.guided_choice))
-        if params.guided_regex is not None or params.guided_json is not None:
+        if params.guided_regex is not None or params.guided_json is not None or params.guided_grammar is not None:
             params = dataclasses.replace(params, structured_regex=structured_regex(params))
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:

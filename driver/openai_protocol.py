@@ -198,15 +198,16 @@ def _tools(body: dict, tool_parser: str | None) -> tuple[list[dict] | None, obje
 
 def _structured(body: dict) -> dict:
     """Structured outputs as SamplingParams fields: vLLM's structured_outputs (choice, regex,
-    json), its older guided_choice / guided_regex / guided_json, or OpenAI's response_format
-    (json_schema: that schema; json_object: any JSON object)."""
+    json, grammar), its older guided_choice / guided_regex / guided_json / guided_grammar, or
+    OpenAI's response_format (json_schema: that schema; json_object: any JSON object)."""
     structured = _field(body, "structured_outputs", (dict,), {})
-    unknown = sorted(set(structured) - {"choice", "regex", "json"})
+    unknown = sorted(set(structured) - {"choice", "regex", "json", "grammar"})
     if unknown:
-        raise APIError(f"structured_outputs supports 'choice', 'regex' and 'json' (got {unknown}); raytp has "
-                       f"no grammar engine for EBNF or structural tags", param="structured_outputs")
+        raise APIError(f"structured_outputs supports 'choice', 'regex', 'json' and 'grammar' (got {unknown}); "
+                       f"raytp has no structural tags", param="structured_outputs")
     out = {"guided_choice": structured.get("choice", _field(body, "guided_choice", (list,))),
            "guided_regex": structured.get("regex", _field(body, "guided_regex", (str,))),
+           "guided_grammar": structured.get("grammar", _field(body, "guided_grammar", (str,))),
            "guided_json": structured.get("json", _field(body, "guided_json", (dict, str)))}
     fmt = _field(body, "response_format", (dict,), {})
     kind = fmt.get("type", "text")

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """vLLM's structured outputs, in its newer shape: one of a JSON schema (dict or JSON text),
-    a regex, a list of choices, or json_object (any JSON object). SamplingParams maps it onto
-    guided_json / guided_regex / guided_choice."""
+    a regex, a list of choices, a grammar (GBNF), or json_object (any JSON object).
+    SamplingParams maps it onto guided_json / guided_regex / guided_choice / guided_grammar."""
 
     json: dict | str | None = field(default=None, hash=False)
     regex: str | None = None
     choice: tuple[str, ...] | None = None
+    grammar: str | None = None
     json_object: bool | None = None
 
     def __post_init__(self) -> None:
@@ -21,7 +22,7 @@ class StructuredOutputsParams:
 
     def guided_fields(self) -> dict:
         fields = {"guided_json": {"type": "object"} if self.json_object else self.json,
-                  "guided_regex": self.regex, "guided_choice": self.choice}
+                  "guided_regex": self.regex, "guided_choice": self.choice, "guided_grammar": self.grammar}
         if self.json_object and self.json is not None:
             raise ValueError("StructuredOutputsParams: give json or json_object, not both")
         return {k: v for k, v in fields.items() if v is not None}
@@ -58,7 +59,9 @@ class SamplingParams:
     # matches the regex / is JSON the schema (a dict or its JSON text) allows.
     guided_regex: str | None = None
     guided_json: dict | str | None = field(default=None, hash=False)
-    # The regex the completion must match (guided_regex, or guided_json's), set by the engine.
+    guided_grammar: str | None = None  # a GBNF grammar (driver/guided/grammar.py) the completion matches
+    # The regex the completion must match (guided_regex, or guided_json's or guided_grammar's),
+    # set by the engine.
     structured_regex: str | None = None
     structured_outputs: StructuredOutputsParams | None = field(default=None, hash=False)  # vLLM's newer shape
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
@@ -113,6 +116,8 @@ class SamplingParams:
                 self.guided_choice and all(isinstance(c, str) and c for c in self.guided_choice)),
              "must be a non-empty list of non-empty strings"),
             ("guided_regex", self.guided_regex is None or isinstance(self.guided_regex, str), "must be a string"),
+            ("guided_grammar", self.guided_grammar is None or isinstance(self.guided_grammar, str),
+             "must be a string (a GBNF grammar)"),
             ("guided_json", self.guided_json is None or isinstance(self.guided_json, (dict, str, bool)),
              "must be a JSON schema (an object, or its JSON text)"),
             ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
@@ -130,7 +135,8 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
-        guided = [n for n in ("guided_choice", "guided_regex", "guided_json") if getattr(self, n) is not None]
+        guided = [n for n in ("guided_choice", "guided_regex", "guided_json", "guided_grammar")
+                  if getattr(self, n) is not None]
         if len(guided) > 1:
             raise ValueError(f"SamplingParams: give at most one of {guided}")
         if self.stop and not self.detokenize:

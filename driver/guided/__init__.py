@@ -148,11 +148,16 @@ class GuidedCursor:
         if state == DEAD:
             return None
         bits = self.fsm.bits(state)
-        if self.fsm.dfa.accepting[state]:
+        # Stuck: alive, but no token leads on (a grammar nested to MAX_CALL_DEPTH): the output
+        # ends there, or, with no stop id to end it, goes on unconstrained.
+        stuck = not bits.any()
+        if self.fsm.dfa.accepting[state] or stuck:
             bits = bits.copy()
             for t in stop_ids:
                 if t < self.fsm.vocab.size:
                     bits[t >> 3] |= 0x80 >> (t & 7)
+            if stuck and not bits.any():
+                return None
         return PackedMask(bits, self.fsm.vocab.size)
 
 
@@ -182,11 +187,17 @@ def fsm_for(pattern: str) -> TokenFSM:
 
 
 def structured_regex(params) -> str:
-    """The regex a request's completion must match (its guided_regex, or its guided_json as
-    a regex), compiled now so that a bad one fails the request, not a step."""
+    """The regex a request's completion must match (its guided_regex, or its guided_json or
+    guided_grammar as a regex), compiled now so that a bad one fails the request, not a step."""
+    from driver.guided.grammar import grammar_to_regex
     from driver.guided.json_schema import schema_to_regex
 
-    pattern = params.guided_regex if params.guided_regex is not None else schema_to_regex(params.guided_json)
+    if params.guided_regex is not None:
+        pattern = params.guided_regex
+    elif params.guided_grammar is not None:
+        pattern = grammar_to_regex(params.guided_grammar)
+    else:
+        pattern = schema_to_regex(params.guided_json)
     fsm_for(pattern)
     return pattern
 

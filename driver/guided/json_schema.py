@@ -5,10 +5,14 @@ always and each optional one where it is given, and one optional space may follo
 
 Supported: type (one or a list), enum, const, properties/required, items/minItems/
 maxItems (and prefixItems), minLength/maxLength/pattern on strings, anyOf/oneOf, allOf of
-one schema, $ref into $defs/definitions (not recursive), and free JSON (an object without
-properties, an array without items, {} or true) nested up to FREE_DEPTH levels, which is
-also what response_format {"type": "json_object"} asks for. Anything else is refused with
-its name, never silently ignored.
+one schema, $ref into $defs/definitions or the root (recursive too), and free JSON (an object
+without properties, an array without items, {} or true), which is also what response_format
+{"type": "json_object"} asks for. Anything else is refused with its name, never silently
+ignored.
+
+What may nest without bound (free JSON, a $ref) is a group called by name, as PCRE writes
+grammars: its definition goes once in a (?(DEFINE)...) block that leads the pattern, and
+each use is a call, (?&name); driver/guided/regex.py bounds the calls in progress at once.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ INTEGER = r"-?(?:0|[1-9][0-9]*)"
 NUMBER = INTEGER + r"(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 BOOLEAN = r"(?:true|false)"
 NULL = "null"
-FREE_DEPTH = 4  # nesting of free JSON: {"a": {"b": [{"c": 1}]}} is four levels
 MAX_COUNT = 256  # maxItems / maxLength larger than this count as unbounded
 
 _IGNORED = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
@@ -45,12 +48,14 @@ def schema_to_regex(schema: dict | bool | str) -> str:
             raise SchemaError(f"the JSON schema is not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
         raise SchemaError("a JSON schema must be an object")
-    return _Converter(schema).convert(schema, 0)
+    converter = _Converter(schema)
+    return converter.with_definitions(converter.convert(schema))
 
 
-def free_json_regex(depth: int = FREE_DEPTH) -> str:
-    """Any JSON object nested up to `depth` levels."""
-    return _free_object(depth)
+def free_json_regex() -> str:
+    """Any JSON object."""
+    converter = _Converter({})
+    return converter.with_definitions(converter.free("object"))
 
 
 def _alt(options: list[str]) -> str:
@@ -72,62 +77,61 @@ def _repeat(item: str, lo: int, hi: int | None) -> str:
     return body if lo >= 1 else f"(?:{body})?"
 
 
-def _free_value(depth: int) -> str:
-    scalars = [STRING, NUMBER, BOOLEAN, NULL]
-    if depth <= 0:
-        return _alt(scalars)
-    return _alt(scalars + [_free_object(depth), _free_array(depth)])
-
-
-def _free_object(depth: int) -> str:
-    member = f"{STRING}{WS}:{WS}{_free_value(depth - 1)}"
-    return rf"\{{{WS}{_repeat(member, 0, None)}{WS}\}}"
-
-
-def _free_array(depth: int) -> str:
-    return rf"\[{WS}{_repeat(_free_value(depth - 1), 0, None)}{WS}\]"
-
-
 class _Converter:
     def __init__(self, root):
         self.root = root
-        self.refs: list[str] = []  # $refs being expanded (a cycle is refused)
+        self.groups: dict[str, str] = {}  # group name -> its regex, for (?(DEFINE)...)
+        self.ref_groups: dict[str, str] = {}  # $ref -> its group's name
 
-    def convert(self, s, depth: int) -> str:
+    def with_definitions(self, regex: str) -> str:
+        if not self.groups:
+            return regex
+        return "(?(DEFINE)" + "".join(f"(?<{n}>{body})" for n, body in self.groups.items()) + ")" + regex
+
+    def free(self, kind: str) -> str:
+        """A call of free JSON's group for kind (value, object or array), defined at first use."""
+        if "json_value" not in self.groups:
+            member = f"{STRING}{WS}:{WS}(?&json_value)"
+            self.groups["json_value"] = _alt([STRING, NUMBER, BOOLEAN, NULL, "(?&json_object)", "(?&json_array)"])
+            self.groups["json_object"] = rf"\{{{WS}{_repeat(member, 0, None)}{WS}\}}"
+            self.groups["json_array"] = rf"\[{WS}{_repeat('(?&json_value)', 0, None)}{WS}\]"
+        return f"(?&json_{kind})"
+
+    def convert(self, s) -> str:
         if s is True or s == {}:
-            return _free_value(FREE_DEPTH - depth)
+            return self.free("value")
         if s is False:
             raise SchemaError("a schema of false allows nothing")
         if unknown := sorted(set(s) - _KNOWN):
             raise SchemaError(f"JSON schema keywords {unknown} are not supported")
         if "$ref" in s:
-            return self.ref(s["$ref"], depth)
+            return self.ref(s["$ref"])
         if "const" in s:
             return _literal(s["const"])
         if "enum" in s:
             return _alt([_literal(v) for v in s["enum"]])
         for key in ("anyOf", "oneOf"):
             if key in s:
-                return _alt([self.convert(sub, depth) for sub in s[key]])
+                return _alt([self.convert(sub) for sub in s[key]])
         if "allOf" in s:
             if len(s["allOf"]) != 1:
                 raise SchemaError("allOf is supported with one schema only")
-            return self.convert(s["allOf"][0], depth)
+            return self.convert(s["allOf"][0])
         types = s.get("type")
         if isinstance(types, list):
-            return _alt([self.typed(dict(s, type=t), t, depth) for t in types])
+            return _alt([self.typed(dict(s, type=t), t) for t in types])
         if types is None:  # the type follows from the keywords, as validators read them
             types = ("object" if "properties" in s else "array" if "items" in s or "prefixItems" in s
                      else "string" if {"pattern", "minLength", "maxLength"} & set(s) else None)
             if types is None:
-                return _free_value(FREE_DEPTH - depth)
-        return self.typed(s, types, depth)
+                return self.free("value")
+        return self.typed(s, types)
 
-    def typed(self, s: dict, t: str, depth: int) -> str:
+    def typed(self, s: dict, t: str) -> str:
         if t == "object":
-            return self.object(s, depth)
+            return self.object(s)
         if t == "array":
-            return self.array(s, depth)
+            return self.array(s)
         if t == "string":
             if "pattern" in s:
                 return '"' + s["pattern"].removeprefix("^").removesuffix("$") + '"'
@@ -143,40 +147,41 @@ class _Converter:
             raise SchemaError(f"JSON schema type {t!r} is not supported")
         return simple[t]
 
-    def object(self, s: dict, depth: int) -> str:
+    def object(self, s: dict) -> str:
         props, required = s.get("properties") or {}, set(s.get("required", []))
         if missing := sorted(required - set(props)):
             raise SchemaError(f"required properties {missing} are not in 'properties'")
         if not props:
-            return _free_object(FREE_DEPTH - depth)
-        members = [(f"{_literal(k)}{WS}:{WS}{self.convert(v, depth + 1)}", k in required)
+            return self.free("object")
+        members = [(f"{_literal(k)}{WS}:{WS}{self.convert(v)}", k in required)
                    for k, v in props.items()]
         return rf"\{{{WS}{_members(members)}{WS}\}}"
 
-    def array(self, s: dict, depth: int) -> str:
+    def array(self, s: dict) -> str:
         lo, hi = s.get("minItems", 0), s.get("maxItems")
         if hi is not None and hi < lo:
             raise SchemaError(f"maxItems ({hi}) is less than minItems ({lo})")
         if "prefixItems" in s:
-            items = [self.convert(sub, depth + 1) for sub in s["prefixItems"]]
+            items = [self.convert(sub) for sub in s["prefixItems"]]
             return rf"\[{WS}" + f"{WS},{WS}".join(items) + rf"{WS}\]"
-        item = self.convert(s.get("items", {}), depth + 1)
+        item = self.convert(s.get("items", {}))
         return rf"\[{WS}{_repeat(item, lo, hi)}{WS}\]"
 
-    def ref(self, ref: str, depth: int) -> str:
-        if ref in self.refs:
-            raise SchemaError(f"recursive $ref {ref!r} is not supported")
-        parts = [] if ref == "#" else ref[2:].split("/") if ref.startswith("#/") else [None]
-        target = self.root
-        for part in parts:
-            if part is None or not isinstance(target, dict) or part not in target:
-                raise SchemaError(f"$ref {ref!r} does not point into this schema")
-            target = target[part]
-        self.refs.append(ref)
-        try:
-            return self.convert(target, depth)
-        finally:
-            self.refs.pop()
+    def ref(self, ref: str) -> str:
+        """A call of the group of ref's target (defined at the first $ref to it, which a
+        $ref inside it may call again)."""
+        name = self.ref_groups.get(ref)
+        if name is None:
+            parts = [] if ref == "#" else ref[2:].split("/") if ref.startswith("#/") else [None]
+            target = self.root
+            for part in parts:
+                if part is None or not isinstance(target, dict) or part not in target:
+                    raise SchemaError(f"$ref {ref!r} does not point into this schema")
+                target = target[part]
+            name = self.ref_groups[ref] = f"ref{len(self.ref_groups)}"
+            self.groups[name] = ""  # (taken now: the target may refer to itself)
+            self.groups[name] = self.convert(target)
+        return f"(?&{name})"
 
 
 def _members(members: list[tuple[str, bool]]) -> str:

@@ -3,7 +3,10 @@
 A pattern always matches the whole output (anchors ^ and $ are accepted and ignored).
 Supported: literals, escapes (\\d \\w \\s and their negations, \\n \\t \\xHH \\uHHHH, escaped
 metacharacters), classes [a-z_] and [^...], '.', groups (...), (?:...), (?P<name>...),
-alternation, and the quantifiers * + ? {m} {m,} {m,n} (lazy forms match the same).
+alternation, and the quantifiers * + ? {m} {m,} {m,n} (lazy forms match the same); and
+PCRE's subroutine calls, which make grammars: (?&name) or (?P>name) matches what the group
+named `name` matches, which may call itself, with the definitions in (?(DEFINE)(?<name>...))
+(as PCRE and the `regex` module read them; nesting is bounded at MAX_CALL_DEPTH calls).
 Not supported: backreferences, lookaround, flags.
 
 The automaton reads UTF-8 bytes, since tokens are byte strings that may split a character.
@@ -11,193 +14,35 @@ A literal non-ASCII character is its UTF-8 bytes; '.', negated classes and \\D \
 match any non-ASCII character (a lead byte and its continuation bytes). \\d \\w \\s and
 ranges are ASCII, and a negated class may not list non-ASCII characters.
 
-Thompson's construction gives an NFA; its DFA is built lazily by subset construction, one
-state's 256 transitions at a time, the first time a walk reaches it. DEAD (-1) is the
-state no continuation can leave.
+Thompson's construction gives an NFA, where a call is an edge that pushes its return state
+and jumps to the group's own fragment, whose end pops it. The DFA is built lazily by subset
+construction over (call stack, NFA state) pairs, one state's 256 transitions at a time, the
+first time a walk reaches it. DEAD (-1) is the state no continuation can leave.
 """
 from __future__ import annotations
 
-ASCII = frozenset(range(128))
+from driver.guided.regex_syntax import RegexError, parse
+
 DEAD = -1
 MAX_NFA_STATES = 200_000  # a pattern whose counted repeats would build more is refused
-
-_CONT = ("set", frozenset(range(0x80, 0xC0)))
-# Any non-ASCII character in UTF-8: a lead byte, then its 1-3 continuation bytes.
-NON_ASCII = ("alt", [("cat", [("set", frozenset(range(0xC2, 0xE0))), _CONT]),
-                     ("cat", [("set", frozenset(range(0xE0, 0xF0))), _CONT, _CONT]),
-                     ("cat", [("set", frozenset(range(0xF0, 0xF5))), _CONT, _CONT, _CONT])])
-_CLASSES = {"d": frozenset(range(48, 58)),
-            "w": frozenset(b for b in ASCII if chr(b).isalnum() or b == ord("_")),
-            "s": frozenset(b" \t\n\r\f\v")}
-_SIMPLE = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
-
-
-class RegexError(ValueError):
-    pass
-
-
-# ----------------------------------------------------------------------------- parsing
-# AST: ("set", frozenset of bytes) | ("cat", [nodes]) | ("alt", [nodes]) | ("rep", node, lo, hi|None)
-
-def _literal(ch: str):
-    data = ch.encode()
-    return ("set", frozenset(data)) if len(data) == 1 else ("cat", [("set", frozenset([b])) for b in data])
-
-
-class _Parser:
-    def __init__(self, pattern: str):
-        self.p, self.i = pattern, 0
-
-    def error(self, msg: str) -> RegexError:
-        return RegexError(f"regex {self.p!r} at {self.i}: {msg}")
-
-    def peek(self) -> str | None:
-        return self.p[self.i] if self.i < len(self.p) else None
-
-    def take(self) -> str:
-        if self.i >= len(self.p):
-            raise self.error("unexpected end")
-        self.i += 1
-        return self.p[self.i - 1]
-
-    def parse(self):
-        node = self.alt()
-        if self.i != len(self.p):
-            raise self.error("unbalanced ')'")
-        return node
-
-    def alt(self):
-        branches = [self.cat()]
-        while self.peek() == "|":
-            self.i += 1
-            branches.append(self.cat())
-        return branches[0] if len(branches) == 1 else ("alt", branches)
-
-    def cat(self):
-        items = []
-        while self.peek() not in (None, "|", ")"):
-            items.append(self.repeat())
-        return ("cat", [n for n in items if n is not None])
-
-    def repeat(self):
-        node = self.atom()
-        while self.peek() in ("*", "+", "?", "{"):
-            c = self.peek()
-            bounds = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(c) or self.counts()
-            if c != "{":
-                self.i += 1
-            if node is None:
-                raise self.error("nothing to repeat")
-            node = ("rep", node, *bounds)
-            if self.peek() in ("?", "+"):  # lazy / possessive: the same language
-                self.i += 1
-        return node
-
-    def counts(self) -> tuple[int, int | None]:
-        end = self.p.find("}", self.i)
-        body = self.p[self.i + 1:end] if end > 0 else ""
-        lo, _, hi = body.partition(",")
-        try:
-            bounds = (int(lo), None if "," in body and not hi.strip() else int(hi if "," in body else lo))
-        except ValueError:
-            raise self.error("a '{' must be a count {m}, {m,} or {m,n}") from None
-        if bounds[1] is not None and bounds[1] < bounds[0]:
-            raise self.error(f"bad count {{{body}}}")
-        self.i = end + 1
-        return bounds
-
-    def atom(self):
-        c = self.take()
-        if c == "(":
-            if self.p.startswith("?:", self.i):
-                self.i += 2
-            elif self.p.startswith("?P<", self.i):
-                self.i = self.p.index(">", self.i) + 1
-            elif self.peek() == "?":
-                raise self.error("lookaround, flags and backreferences are not supported")
-            node = self.alt()
-            if self.take() != ")":
-                raise self.error("missing ')'")
-            return node
-        if c == "[":
-            return self.klass()
-        if c == ".":
-            return ("alt", [("set", ASCII - {10}), NON_ASCII])
-        if c in "^$":
-            return None  # the whole output always matches
-        if c == "\\":
-            return self.escape(in_class=False)
-        if c in "*+?{":
-            raise self.error(f"nothing to repeat before {c!r}")
-        return _literal(c)
-
-    def escape(self, in_class: bool):
-        c = self.take()
-        if c.lower() in _CLASSES:
-            s = _CLASSES[c.lower()]
-            return ("set", s) if c.islower() else ("alt", [("set", ASCII - s), NON_ASCII])
-        if c in _SIMPLE:
-            return _literal(_SIMPLE[c])
-        if c in "xu":
-            n = 2 if c == "x" else 4
-            digits = self.p[self.i:self.i + n]
-            self.i += n
-            try:
-                return _literal(chr(int(digits, 16)))
-            except ValueError:
-                raise self.error(f"bad \\{c} escape") from None
-        if c.isalnum() and not in_class:
-            raise self.error(f"unsupported escape \\{c}")
-        return _literal(c)
-
-    def klass(self):
-        negate = self.peek() == "^"
-        self.i += negate
-        members: set[int] = set()  # the ASCII bytes listed
-        wide: list = []  # non-ASCII characters listed, as their byte sequences
-        any_wide = False  # \\D, \\W or \\S listed: every non-ASCII character
-        first = True
-        while first or self.peek() != "]":
-            first = False
-            node = self.class_item()
-            if self.peek() == "-" and self.p[self.i + 1:self.i + 2] not in ("]", ""):
-                self.i += 1
-                hi = self.class_item()
-                if node[0] != "set" or hi[0] != "set" or min(node[1]) > min(hi[1]):
-                    raise self.error("a range must join two ASCII characters in order")
-                members.update(range(min(node[1]), min(hi[1]) + 1))
-            elif node[0] == "set":
-                members.update(node[1])
-            elif node[0] == "alt" and node[1][-1] is NON_ASCII:
-                members.update(node[1][0][1])
-                any_wide = True
-            else:
-                wide.append(node)
-        self.i += 1
-        if negate:
-            if wide:
-                raise self.error("non-ASCII characters in a negated class are not supported")
-            rest = ("set", ASCII - members)
-            return rest if any_wide else ("alt", [rest, NON_ASCII])
-        return ("alt", [("set", frozenset(members)), *([NON_ASCII] if any_wide else wide)])
-
-    def class_item(self):
-        c = self.take()
-        return self.escape(in_class=True) if c == "\\" else _literal(c)
-
-
-def parse(pattern: str):
-    return _Parser(pattern).parse()
+MAX_CALL_DEPTH = 64  # calls in progress at once (JSON nesting takes two per level)
 
 
 # ----------------------------------------------------------------------------- automata
 
 class _NFA:
-    """Thompson NFA: per state, epsilon targets and (byte set, target) edges."""
+    """Thompson NFA: per state, epsilon targets and (byte set, target) edges; and calls:
+    calls[a] = (group, b) goes from a to b through one match of the group, whose fragment
+    (each group built once, when first called) starts at starts[group] and ends in a state
+    of `returns`."""
 
-    def __init__(self):
+    def __init__(self, groups: dict | None = None):
         self.eps: list[list[int]] = []
         self.edges: list[list[tuple[frozenset, int]]] = []
+        self.groups = groups or {}
+        self.calls: dict[int, tuple[str, int]] = {}
+        self.starts: dict[str, int] = {}
+        self.returns: set[int] = set()
 
     def state(self) -> int:
         if len(self.eps) >= MAX_NFA_STATES:
@@ -210,6 +55,15 @@ class _NFA:
     def build(self, node) -> tuple[int, int]:
         """(start, end) of a fragment for node; fresh states on every call."""
         kind = node[0]
+        if kind == "call":
+            a, b = self.state(), self.state()
+            self.calls[a] = (node[1], b)
+            if node[1] not in self.starts:
+                self.starts[node[1]] = -1  # (being built: a call inside it needs no second copy)
+                start, end = self.build(self.groups[node[1]])
+                self.starts[node[1]] = start
+                self.returns.add(end)
+            return a, b
         if kind == "set":
             a, b = self.state(), self.state()
             self.edges[a].append((node[1], b))
@@ -253,34 +107,44 @@ class _NFA:
 
 
 class DFA:
-    """The lazily determinized automaton of a pattern: states are ints from 0 (the start)."""
+    """The lazily determinized automaton of a pattern: states are ints from 0 (the start),
+    each a set of (call stack, NFA state) pairs, the stack a tuple of return states."""
 
     def __init__(self, pattern: str):
         self.pattern = pattern
-        self.nfa = _NFA()
-        start, self.accept = self.nfa.build(parse(pattern))
+        node, groups = parse(pattern)
+        self.nfa = _NFA(groups)
+        start, self.accept = self.nfa.build(node)
         self._ids: dict[frozenset, int] = {}
         self._sets: list[frozenset] = []
         self._table: list[list[int] | None] = []  # per state, its 256 next states once built
         self.accepting: list[bool] = []
-        self._add(self._closure({start}))
+        self._add(self._closure({((), start)}))
 
-    def _closure(self, states) -> frozenset:
-        seen, stack = set(states), list(states)
-        while stack:
-            for t in self.nfa.eps[stack.pop()]:
-                if t not in seen:
-                    seen.add(t)
-                    stack.append(t)
+    def _closure(self, pairs) -> frozenset:
+        nfa = self.nfa
+        seen, todo = set(pairs), list(pairs)
+        while todo:
+            stack, q = todo.pop()
+            nxt = [(stack, t) for t in nfa.eps[q]]
+            if q in nfa.calls and len(stack) < MAX_CALL_DEPTH:  # (deeper: that path dies)
+                group, back = nfa.calls[q]
+                nxt.append((stack + (back,), nfa.starts[group]))
+            if q in nfa.returns and stack:
+                nxt.append((stack[:-1], stack[-1]))
+            for pair in nxt:
+                if pair not in seen:
+                    seen.add(pair)
+                    todo.append(pair)
         return frozenset(seen)
 
-    def _add(self, nfa_states: frozenset) -> int:
-        sid = self._ids.get(nfa_states)
+    def _add(self, pairs: frozenset) -> int:
+        sid = self._ids.get(pairs)
         if sid is None:
-            sid = self._ids[nfa_states] = len(self._sets)
-            self._sets.append(nfa_states)
+            sid = self._ids[pairs] = len(self._sets)
+            self._sets.append(pairs)
             self._table.append(None)
-            self.accepting.append(self.accept in nfa_states)
+            self.accepting.append(((), self.accept) in pairs)
         return sid
 
     def transitions(self, state: int) -> list[int]:
@@ -288,15 +152,16 @@ class DFA:
         row = self._table[state]
         if row is None:
             moves: dict[int, set] = {}
-            for s in self._sets[state]:
-                for byteset, target in self.nfa.edges[s]:
+            edges = self.nfa.edges
+            for stack, q in self._sets[state]:
+                for byteset, target in edges[q]:
                     for b in byteset:
-                        moves.setdefault(b, set()).add(target)
+                        moves.setdefault(b, set()).add((stack, target))
             row, targets = [DEAD] * 256, {}
-            for b, ts in moves.items():
-                key = frozenset(ts)
+            for b, pairs in moves.items():
+                key = frozenset(pairs)
                 if key not in targets:
-                    targets[key] = self._add(self._closure(ts))
+                    targets[key] = self._add(self._closure(pairs))
                 row[b] = targets[key]
             self._table[state] = row
         return row
@@ -317,4 +182,4 @@ class DFA:
         return state != DEAD and self.accepting[state]
 
 
-__all__ = ["DFA", "DEAD", "RegexError", "parse"]
+__all__ = ["DFA", "DEAD", "MAX_CALL_DEPTH", "RegexError", "parse"]

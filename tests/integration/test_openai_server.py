@@ -12,10 +12,12 @@ import httpx
 import openai
 import pytest
 import ray
+import regex
 from ray import serve
 
 from driver import serve as raytp_serve
 from driver.config import EngineConfig, ServeConfig
+from driver.guided.grammar import grammar_to_regex
 from driver.tokenizer import apply_chat_template, encode_prompt, load_tokenizer
 from tests.hf_reference import hf_greedy
 from tests.integration.conftest import AUTH, KEY, MAX_MODEL_LEN, MAX_REQUESTS, MODEL
@@ -240,8 +242,8 @@ def test_guided_choice(client):
         out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Rate it"}],
                                              n=3, extra_body=body)
         assert all(c.message.content in choices and c.finish_reason == "stop" for c in out.choices)
-    with pytest.raises(openai.BadRequestError, match="supports 'choice', 'regex' and 'json'"):
-        client.completions.create(model=MODEL, prompt="hi", extra_body={"structured_outputs": {"grammar": "x"}})
+    with pytest.raises(openai.BadRequestError, match="supports 'choice', 'regex', 'json' and 'grammar'"):
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"structured_outputs": {"structural_tag": "x"}})
 
 
 def test_structured_outputs(client):
@@ -266,6 +268,15 @@ def test_structured_outputs(client):
         client.completions.create(model=MODEL, prompt="hi", extra_body={"guided_json": {"type": "object", "not": {}}})
     with pytest.raises(openai.BadRequestError, match="json_schema"):
         client.chat.completions.create(response_format={"type": "json_schema"}, **chat)
+
+    grammar = 'root ::= "[" list "]"\nlist ::= item ("," item)*\nitem ::= [a-c] | "[" list "]"'
+    for body in ({"guided_grammar": grammar}, {"structured_outputs": {"grammar": grammar}}):
+        out = client.completions.create(model=MODEL, prompt="hi", max_tokens=40, n=3, seed=2, temperature=1.0,
+                                        extra_body=body)
+        done = [c.text for c in out.choices if c.finish_reason == "stop"]
+        assert done and all(regex.fullmatch(grammar_to_regex(grammar), t) for t in done)
+    with pytest.raises(openai.BadRequestError, match="undefined rules"):
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"guided_grammar": "root ::= x"})
 
 
 def test_beam_search(server, client):

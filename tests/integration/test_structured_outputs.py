@@ -1,12 +1,14 @@
 """Structured outputs end to end (TP=2 through Ray workers; rank 0 masks the logits): greedy
-completions under guided_regex / guided_json equal greedy decoding over transformers' logits
+completions under guided_regex / guided_json / guided_grammar equal greedy decoding over transformers' logits
 constrained by the `regex` module's partial matching, token for token, and end where the
 pattern does; sampled ones are valid JSON of the schema."""
 import json
 
 import pytest
+import regex
 
 from driver import LLM, SamplingParams
+from driver.guided.grammar import grammar_to_regex
 from driver.guided.json_schema import schema_to_regex
 from tests.hf_reference import hf_greedy_regex
 
@@ -32,17 +34,28 @@ def _texts(llm) -> list[str | None]:
     return [s if s is not None and s.isascii() else None for s in texts]
 
 
-@pytest.mark.parametrize("kind", ["regex", "json"])
+# A grammar that nests: what a regular expression cannot say.
+# (Greedy, the test model nests one of the prompts' lists five levels deep.)
+GRAMMAR = """
+root ::= "{" list "}"
+list ::= item (";" item)*
+item ::= "ab" | "{" list "}"   # a leaf, or a nested list
+"""
+
+
+@pytest.mark.parametrize("kind", ["regex", "json", "grammar"])
 def test_greedy_equals_constrained_transformers(llm, llama_ckpt, kind):
-    pattern = r"(yes|no|maybe), [0-9]{1,3} (cats?|dogs?)" if kind == "regex" else schema_to_regex(SCHEMA)
-    field = {"guided_regex": pattern} if kind == "regex" else {"guided_json": SCHEMA}
+    pattern = {"regex": r"(yes|no|maybe), [0-9]{1,3} (cats?|dogs?)", "json": schema_to_regex(SCHEMA),
+               "grammar": grammar_to_regex(GRAMMAR)}[kind]
+    field = {"regex": {"guided_regex": pattern}, "json": {"guided_json": SCHEMA},
+             "grammar": {"guided_grammar": GRAMMAR}}[kind]
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=40, **field), use_tqdm=False)
     stop_ids, texts = list(llm.engine.scheduler.eos_token_ids), _texts(llm)
     for out in outs:
         c = out.outputs[0]
         assert c.token_ids == hf_greedy_regex(llama_ckpt, out.prompt_token_ids, pattern, texts, stop_ids, 40)
         if c.finish_reason == "stop":
-            assert __import__("re").fullmatch(pattern, c.text)
+            assert regex.fullmatch(pattern, c.text)
     assert any(o.outputs[0].finish_reason == "stop" for o in outs)
 
 

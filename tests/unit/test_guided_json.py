@@ -11,7 +11,7 @@ import torch
 
 from driver.guided import GuidedCursor, TokenFSM, Vocab, token_bytes
 from driver.guided.json_schema import SchemaError, free_json_regex, schema_to_regex
-from driver.guided.regex import DEAD, DFA
+from driver.guided.regex import DEAD, DFA, MAX_CALL_DEPTH
 from tests.checkpoints import fresh_tokenizer
 
 PERSON = {
@@ -43,16 +43,50 @@ def test_schema_regex_accepts_exactly_the_valid_instances():
     assert DFA(schema_to_regex(json.dumps({"type": "string", "pattern": "^[a-z]{2}$"}))).fullmatch('"ab"')
 
 
-def test_free_json_nests_four_levels():
+def _nested(levels: int) -> str:
+    value: object = {"a": 1}
+    for k in range(levels - 1):
+        value = {"k": value} if k % 2 else [value, "x"]
+    return json.dumps(value)
+
+
+def test_free_json_nests_deeply():
     obj = DFA(free_json_regex())
-    assert obj.fullmatch('{"a": {"b": [{"c": null}]}, "d": [true, "x", 1.5]}') and obj.fullmatch("{}")
-    assert not obj.fullmatch('{"a": {"b": [{"c": [1]}]}}') and not obj.fullmatch("[1]")
-    assert DFA(schema_to_regex({"type": "object"})).fullmatch('{"k": [1, {"z": false}]}')
+    assert obj.fullmatch('{"a": {"b": [{"c": [1]}]}, "d": [true, "x", 1.5]}') and obj.fullmatch("{}")
+    assert obj.fullmatch(_nested(31)) and not obj.fullmatch(_nested(33))  # two calls a level, 64 at most
+    assert not obj.fullmatch("[1]") and not obj.fullmatch('{"a": [1}') and not obj.fullmatch('{"a": 1,}')
+    assert DFA(schema_to_regex({"type": "object"})).fullmatch('{"k": [1, {"z": [[false]]}]}')
+
+
+TREE = {"type": "object", "properties": {"value": {"type": "integer"},
+                                         "children": {"type": "array", "items": {"$ref": "#/$defs/tree"}}},
+        "required": ["value"], "$defs": {"tree": {"$ref": "#"}}}
+LIST = {"$defs": {"node": {"type": "object", "properties": {"v": {"enum": ["a", "b"]},
+                                                            "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}},
+                           "required": ["v", "next"]}},
+        "$ref": "#/$defs/node"}
+
+
+@pytest.mark.parametrize("schema, good, bad", [
+    (TREE, [{"value": 1}, {"value": 1, "children": [{"value": 2, "children": [{"value": 3}]}, {"value": 4}]}],
+     [{"value": 1, "children": [{}]}, {"value": 1, "children": [{"value": "2"}]}, {"children": []}]),
+    (LIST, [{"v": "a", "next": None}, {"v": "a", "next": {"v": "b", "next": {"v": "a", "next": None}}}],
+     [{"v": "a"}, {"v": "a", "next": {"v": "c", "next": None}}, {"v": "a", "next": {"v": "b"}}]),
+])
+def test_recursive_schemas(schema, good, bad):
+    """A $ref that refers to itself, directly or through others: any depth (up to the call
+    bound), and the same decisions as the `regex` module reading the pattern."""
+    import regex
+
+    pattern = schema_to_regex(schema)
+    dfa, ref = DFA(pattern), regex.compile(pattern)
+    for value, want in [(v, True) for v in good] + [(v, False) for v in bad]:
+        for text in _texts(value):
+            assert dfa.fullmatch(text) == want == (ref.fullmatch(text) is not None), text
 
 
 @pytest.mark.parametrize("schema, why", [
     ({"type": "string", "format": "email", "contentEncoding": "x"}, "contentEncoding"),
-    ({"type": "object", "properties": {"a": {"$ref": "#"}}}, "recursive"),
     ({"$ref": "#/$defs/missing"}, "does not point"), ({"type": "object", "properties": {}, "required": ["x"]}, "required"),
     ({"type": "tuple"}, "'tuple'"), ({"type": "array", "minItems": 3, "maxItems": 1}, "less than minItems"), ({"allOf": [{}, {}]}, "allOf"), ("{not json", "not valid JSON"),
 ])
@@ -117,6 +151,20 @@ def test_cursor_allows_stop_ids_at_matches_only(tokenizer):
     done = ids + tokenizer.encode("7", add_special_tokens=False)
     assert cursor.complete(done) and np.flatnonzero(cursor.allowed(done, (99,)).to_bool()).tolist() == [99]
     assert cursor.allowed(done + done, (99,)) is None  # past the end: a token sampled in flight
+
+
+def test_a_grammar_nested_to_the_bound_ends_the_output(tokenizer):
+    """Past MAX_CALL_DEPTH no token leads on: the stop ids may end the output there (and with
+    none, nothing is masked, rather than every token)."""
+    vocab = Vocab(token_bytes(tokenizer))
+    cursor = GuidedCursor(TokenFSM(r"(?(DEFINE)(?<x>\[(?&y)\])(?<y>(?&z))(?<z>(?&x)|a))(?&x)", vocab))
+    bracket = vocab.token_bytes.index(b"[")
+    out = [bracket]
+    while cursor.allowed(out, ()) is not None:
+        assert np.flatnonzero(cursor.allowed(out, (99,)).to_bool()).tolist() != [99]  # (not stuck yet)
+        out.append(bracket)
+        assert len(out) < MAX_CALL_DEPTH
+    assert cursor.state != DEAD and np.flatnonzero(cursor.allowed(out, (99,)).to_bool()).tolist() == [99]
 
 
 def test_bits_unpack_on_the_device_as_numpy_packs_them():

@@ -1,13 +1,14 @@
 """driver/guided/regex.py: the byte DFA of a pattern accepts exactly the strings Python's re
 (ASCII mode, DOTALL off) fully matches, on random strings over an alphabet that includes the
 pattern's characters, multi-byte UTF-8 characters and newlines; unsupported syntax is refused
-with a reason."""
+with a reason. Patterns with PCRE's subroutine calls are decided by the `regex` module."""
 import random
 import re
 
 import pytest
+import regex
 
-from driver.guided.regex import DEAD, DFA, RegexError
+from driver.guided.regex import DEAD, DFA, MAX_CALL_DEPTH, RegexError
 
 # (pattern, strings it must match): each also meets random strings, which re decides.
 PATTERNS = [
@@ -34,6 +35,32 @@ def test_dfa_equals_python_re(pattern, examples):
     assert all(dfa.fullmatch(t) for t in examples)
 
 
+# Grammars through PCRE's subroutine calls, decided by the `regex` module (which reads them as PCRE).
+RECURSIVE = [
+    (r"(?(DEFINE)(?<v>a|\[(?&v)(?:,(?&v))*\]))(?&v)", ["[a,[a,[a]]]"]),
+    (r"(?<p>\((?&p)*\))+", ["(()())()"]),
+    (r"(?(DEFINE)(?<e>(?&t)(?:[+-](?&t))*)(?<t>[0-9]+|\((?&e)\)))(?&e)", ["1+(2-(3))"]),
+    (r"(?P<x>a(?P>x)?b)c", ["aabbc"]),
+]
+
+
+@pytest.mark.parametrize("pattern, examples", RECURSIVE)
+def test_calls_equal_the_regex_module(pattern, examples):
+    dfa, ref = DFA(pattern), regex.compile(pattern, regex.ASCII)
+    rng = random.Random(pattern)
+    own = sorted({c for c in pattern if c in "ab()[],+-0123c"})
+    texts = examples + ["".join(rng.choice(own) for _ in range(rng.randint(0, 10))) for _ in range(3000)]
+    for text in texts:
+        assert dfa.fullmatch(text) == (ref.fullmatch(text) is not None), (pattern, text)
+    assert all(dfa.fullmatch(t) for t in examples)
+
+
+def test_calls_nest_up_to_the_bound():
+    dfa = DFA(r"(?(DEFINE)(?<v>a|\[(?&v)\]))(?&v)")
+    assert dfa.fullmatch("[" * 60 + "a" + "]" * 60)
+    assert not dfa.fullmatch("[" * MAX_CALL_DEPTH + "a" + "]" * MAX_CALL_DEPTH)
+
+
 def test_walks_bytes_and_ends():
     dfa = DFA(r"(yes|no)!")
     state = dfa.walk(0, b"ye")
@@ -51,7 +78,8 @@ def test_walks_bytes_and_ends():
 @pytest.mark.parametrize("pattern, why", [
     ("(?=a)b", "lookaround"), (r"(a)\1", "unsupported escape"), ("a{3,1}", "bad count"), ("*a", "nothing to repeat"),
     ("(ab", "unexpected end"), ("ab)", "unbalanced"), ("[^é]", "negated class"), ("[é-ü]", "range"), ("a{x}", "count"),
-    ("a{0,100000}", "too large"),
+    ("a{0,100000}", "too large"), ("(?&v)", "undefined groups"), ("(?<v>a)(?<v>b)", "defined twice"),
+    ("(?&1)", "group name"), (r"(?(DEFINE)(?<x>a(?&x)))b(?&x)", "matches nothing"),
 ])
 def test_refuses_what_it_cannot_do(pattern, why):
     with pytest.raises(RegexError, match=why):
