@@ -96,6 +96,8 @@ class LLMEngine:
         if params.truncate_prompt_tokens is not None and len(token_ids) > params.truncate_prompt_tokens:
             text, token_ids = None, token_ids[-params.truncate_prompt_tokens:]  # its last tokens, as vLLM
         check_token_ids_in_vocab(params, vocab)
+        if params.bad_words:
+            params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words))
         if params.guided_choice is not None:  # each choice as the tokenizer spells it
             params = dataclasses.replace(params, choice_token_ids=tuple(
                 tuple(self.tokenizer.encode(c, add_special_tokens=False)) for c in params.guided_choice))
@@ -235,6 +237,23 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def bad_words_token_ids(tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's spellings of bad words: each word alone, and after a space where that starts with
+    another token and takes as many (so "ban" also bans " ban" mid-sentence)."""
+    if tokenizer is None:
+        raise ValueError("bad_words need the model's tokenizer, and this engine has none")
+    out = []
+    for word in words:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if not alone:  # (nothing the tokenizer spells: nothing to ban)
+            continue
+        out.append(tuple(alone))
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            out.append(tuple(spaced))
+    return tuple(out)
 
 
 def eos_token_ids(config: EngineConfig, tokenizer) -> tuple[int, ...]:

@@ -263,7 +263,8 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, v
             logit_bias=_field(body, "logit_bias", (dict,)),
             include_stop_str_in_output=_field(body, "include_stop_str_in_output", (bool,), False),
             **_structured(body),
-            allowed_token_ids=_field(body, "allowed_token_ids", (list,)))
+            allowed_token_ids=_field(body, "allowed_token_ids", (list,)),
+            bad_words=_field(body, "bad_words", (list,), []))
         check_token_ids_in_vocab(params, vocab_size)
         return params
     except ValueError as e:  # SamplingParams names the field: "SamplingParams.top_p must be ..."

@@ -49,6 +49,10 @@ class SamplingParams:
     # OpenAI's logit_bias: {token_id: bias in [-100, 100]}, added to the logits before sampling.
     logit_bias: dict[int, float] | None = field(default=None, hash=False)
     allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (vLLM's extension)
+    # vLLM's bad_words: never generate these words. The engine sets bad_words_token_ids to each
+    # word's tokens, as the tokenizer spells it alone and after a space.
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
     # Structured output by choice (vLLM's guided_choice): the completion is one of these strings.
@@ -74,6 +78,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words or ()))
         if self.structured_outputs is not None:
             for name, value in self.structured_outputs.guided_fields().items():
                 if getattr(self, name) is not None:
@@ -123,6 +128,7 @@ class SamplingParams:
             ("truncate_prompt_tokens", self.truncate_prompt_tokens is None or (
                 isinstance(self.truncate_prompt_tokens, int) and self.truncate_prompt_tokens >= 1), "must be >= 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("bad_words", all(isinstance(w, str) and w.strip() for w in self.bad_words), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative token ids"),
             ("logit_bias", self.logit_bias is None or all(t >= 0 and -100.0 <= b <= 100.0

@@ -1,6 +1,7 @@
 """Logits processing before a draw, per row of a batch, as vLLM applies it: allowed_token_ids
-(everything else -inf), min_tokens (stop ids -inf until enough tokens), logit_bias (added),
-then the repetition, frequency and presence penalties. Rows that ask for none are untouched.
+(everything else -inf), min_tokens (stop ids -inf until enough tokens), bad_words (the token
+that would finish one -inf), logit_bias (added), then the repetition, frequency and presence
+penalties. Rows that ask for none are untouched.
 Device-agnostic; index lists are built on the host and applied with one scatter each.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def has_penalties(params: SamplingParams) -> bool:
 
 def has_logit_rules(params: SamplingParams) -> bool:
     return (params.logit_bias is not None or params.allowed_token_ids is not None
-            or params.choice_token_ids is not None or params.structured_regex is not None)
+            or params.choice_token_ids is not None or params.structured_regex is not None
+            or bool(params.bad_words_token_ids))
 
 
 def allowed_ids(row: SamplingRow) -> list[int] | PackedMask | None:
@@ -144,6 +146,24 @@ def _keep_only(logits: torch.Tensor, idx: list[int], keep: torch.Tensor) -> None
     logits.index_copy_(0, idx_t, logits.index_select(0, idx_t).masked_fill_(~keep, float("-inf")))
 
 
+def apply_bad_words(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """In place: -inf for each bad word's last token where the row's output ends with the
+    word's other tokens (vLLM's: the output only, not the prompt)."""
+    row_idx, col_idx = [], []
+    for i, r in enumerate(rows):
+        if not r.params.bad_words_token_ids:
+            continue
+        out = r.output_token_ids
+        for word in r.params.bad_words_token_ids:
+            k = len(word) - 1
+            if word[-1] < logits.shape[-1] and (k == 0 or (len(out) >= k and tuple(out[-k:]) == word[:-1])):
+                row_idx.append(i)
+                col_idx.append(word[-1])
+    if row_idx:
+        logits[index_tensor(row_idx, logits.device), index_tensor(col_idx, logits.device)] = float("-inf")
+    return logits
+
+
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """In place: logits[i, t] += bias for each row's logit_bias (ids past the vocab ignored)."""
     vocab_size = logits.shape[-1]
@@ -204,6 +224,7 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     x = logits.to(torch.float32, copy=True)
     apply_allowed_token_ids(x, rows)
     apply_min_tokens(x, rows)
+    apply_bad_words(x, rows)
     apply_logit_bias(x, rows)
     apply_penalties(x, rows)
     return x

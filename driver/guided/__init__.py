@@ -49,17 +49,18 @@ class Trie:
     def __init__(self, token_bytes: list[bytes | None]):
         ids: dict[bytes, int] = {b"": 0}
         parent, byte, self.depths = [0], [0], []
-        depth = 1
-        while True:
-            level = sorted({t[:depth] for t in token_bytes if t and len(t) >= depth})
-            if not level:
-                break
+        longest_first = sorted((t for t in token_bytes if t), key=len, reverse=True)
+        depth, reach = 1, len(longest_first)  # longest_first[:reach]: the tokens >= depth bytes long
+        while reach:
+            level = sorted({t[:depth] for t in longest_first[:reach]})
             self.depths.append((len(parent), len(parent) + len(level)))
             for prefix in level:
                 ids[prefix] = len(parent)
                 parent.append(ids[prefix[:-1]])
                 byte.append(prefix[-1])
             depth += 1
+            while reach and len(longest_first[reach - 1]) < depth:
+                reach -= 1
         self.parent, self.byte = np.array(parent, np.int64), np.array(byte, np.uint8)
         self.token_node = np.array([ids[t] if t else -1 for t in token_bytes], np.int64)
         self.num_nodes = len(parent)

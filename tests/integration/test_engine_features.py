@@ -54,6 +54,38 @@ def test_stop_token_ids_and_min_tokens(llm):
     assert stop_id not in late.token_ids[:first + 3]
 
 
+def test_bad_words_equal_transformers(llm, llama_ckpt):
+    """vLLM's bad_words against transformers' bad_words_ids (NoBadWordsLogitsProcessor) over
+    the same spellings: greedy outputs equal, token for token, and no banned spelling occurs."""
+    import torch
+
+    from driver.engine import bad_words_token_ids
+    from tests.hf_reference import hf_model
+
+    full, tok = _greedy(llm), llm.tokenizer
+    ids = full.token_ids
+
+    def spelled(tokens: tuple[int, ...]) -> str | None:  # the word that bans these tokens, if any
+        word = tok.decode(list(tokens)).strip()
+        return word if word.isprintable() and tokens in bad_words_token_ids(tok, (word,)) else None
+
+    # A one-token word and a two-token word that the model writes unbanned.
+    one = next(w for t in ids if (w := spelled((t,))) and w.isalpha())
+    two = next(w for pair in zip(ids, ids[1:]) if (w := spelled(pair)))
+    words = [one, two]
+    banned = bad_words_token_ids(tok, tuple(words))
+    prompt = tok.encode(PROMPT)
+    # (transformers also matches a word's first tokens at the prompt's end; vLLM only in the output)
+    assert not any(len(w) > 1 and tuple(prompt[-(len(w) - 1):]) == w[:-1] for w in banned)
+    out = _greedy(llm, bad_words=words)
+    with torch.inference_mode():
+        want = hf_model(llama_ckpt).generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                             bad_words_ids=[list(w) for w in banned], eos_token_id=None,
+                                             pad_token_id=0)[0, len(prompt):].tolist()
+    assert out.token_ids == want and out.token_ids != ids and any(len(w) == 2 for w in banned)
+    assert not any(tuple(out.token_ids[i:i + len(w)]) == w for w in banned for i in range(len(out.token_ids)))
+
+
 def test_stop_string_ends_text_and_is_excluded(llm):
     full = _greedy(llm)
     assert len(full.text) > 12, full.text

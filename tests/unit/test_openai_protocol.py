@@ -67,6 +67,7 @@ def test_truncation_stop_strings_and_usage_options(tok):
 def test_scoring_and_steering_fields(tok):
     p = completion(tok, prompt="hi", logit_bias={"5": -100, "6": 3}, allowed_token_ids=[5, 6, 7]).params
     assert p.logit_bias == {5: -100.0, 6: 3.0} and p.allowed_token_ids == (5, 6, 7)
+    assert completion(tok, prompt="hi", bad_words=["cat", "dog food"]).params.bad_words == ("cat", "dog food")
     assert completion(tok, prompt="hi", echo=True, logprobs=2).params.prompt_logprobs == 2  # echo scores the prompt
     assert completion(tok, prompt="hi", logprobs=2).params.prompt_logprobs is None
     req = completion(tok, prompt="hi", echo=True, logprobs=1, prompt_logprobs=4)
@@ -83,6 +84,8 @@ def test_scoring_and_steering_fields(tok):
     ({"prompt": "hi", "logit_bias": {"5": "a lot"}}, "logit_bias", "must map token ids to numbers"),
     ({"prompt": "hi", "logit_bias": {"600": 1}}, "logit_bias", "past the vocabulary; they must be in [0, 512)"),
     ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids", "non-empty list"),
+    ({"prompt": "hi", "bad_words": "cat"}, "bad_words", "must be list"),
+    ({"prompt": "hi", "bad_words": [" "]}, "bad_words", "non-empty strings"),
     ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available with 'stream'"),
     ({"prompt": "hi", "response_format": {"type": "yaml"}}, "response_format", "'text', 'json_object' or"),
     ({"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format", "needs {'json_schema'"),
@@ -109,6 +112,9 @@ def test_structured_output_fields(tok):
         {"type": "object"}
     assert completion(tok, prompt="hi", structured_outputs={"json": {}}).params.guided_json == {}
     assert completion(tok, prompt="hi", structured_outputs={"regex": "a+"}).params.guided_regex == "a+"
+    grammar = 'root ::= "a"+'
+    assert completion(tok, prompt="hi", structured_outputs={"grammar": grammar}).params.guided_grammar == grammar
+    assert completion(tok, prompt="hi", guided_grammar=grammar).params.guided_grammar == grammar
     assert completion(tok, prompt="hi", guided_json='{"type": "string"}').params.guided_json == '{"type": "string"}'
     assert completion(tok, prompt="hi", response_format={"type": "text"}).params.guided_json is None
 
