@@ -187,7 +187,7 @@ class ServeConfig:
             from driver.reasoning_parsers import get_reasoning_parser
             get_reasoning_parser(self.reasoning_parser)  # a clear error for an unknown name
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
-            raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes or llama3_json): the "
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes, llama3_json, mistral or pythonic): the "
                              "format the model writes its tool calls in")
 
     def _check_autoscaling(self) -> None:

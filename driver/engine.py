@@ -199,14 +199,15 @@ class LLMEngine:
 
     def _completion(self, group: SequenceGroup, seq: Sequence) -> CompletionOutput:
         params = group.sampling_params
-        text = self._detokenize(seq, params) if params.detokenize else ""
+        text = self._detokenize(seq, params, group.stop_token_ids) if params.detokenize else ""
         reason = seq.status.value if seq.status.is_finished else None
         logprobs = list(seq.output_logprobs) if params.logprobs is not None else None
         # output_token_ids is a fresh slice: the output never aliases the sequence's list.
         return CompletionOutput(seq.seq_index, text, seq.output_token_ids, reason, logprobs)
 
-    def _detokenize(self, seq: Sequence, params: SamplingParams) -> str:
-        """The completion's text so far; ends the sequence at a stop string (excluded)."""
+    def _detokenize(self, seq: Sequence, params: SamplingParams, stop_token_ids) -> str:
+        """The completion's text so far; ends the sequence at a stop string (excluded). A stop
+        token that ended it is not text either (vLLM v1's), even where it is not special."""
         state = self.texts.get(seq.seq_id)
         if state is None:
             state = self.texts[seq.seq_id] = _TextState(IncrementalDetokenizer(
@@ -214,8 +215,11 @@ class LLMEngine:
         new_ids = seq.token_ids[seq.num_prompt_tokens + state.num_detokenized:]
         if not new_ids or seq.status == SequenceStatus.FINISHED_ABORTED:
             return state.text
-        delta = state.detok.step(new_ids)
         state.num_detokenized += len(new_ids)
+        if seq.status == SequenceStatus.FINISHED_STOPPED and new_ids[-1] in stop_token_ids \
+                and not params.include_stop_str_in_output:
+            new_ids = new_ids[:-1]
+        delta = state.detok.step(new_ids) if new_ids else ""
         state.text += delta
         if params.stop and delta:
             state.text, stopped = find_stop(state.text, params.stop, len(delta), params.include_stop_str_in_output)

@@ -192,7 +192,7 @@ def _tools(body: dict, tool_parser: str | None) -> tuple[list[dict] | None, obje
         raise APIError("'tool_choice' must be 'none', 'auto', 'required' or a named function", param="tool_choice")
     if tool_parser is None:
         raise APIError("\"auto\" tool choice needs the server started with --enable-auto-tool-choice and "
-                       "--tool-call-parser (hermes or llama3_json)", param="tool_choice")
+                       "--tool-call-parser (hermes, llama3_json, mistral or pythonic)", param="tool_choice")
     return tools, get_tool_parser(tool_parser)
 
 
@@ -342,8 +342,10 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     stream, usage, continuous = _stream_options(body)
     prompt_k = _prompt_logprobs(body, stream)
     params = _sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, vocab_size, prompt_k)
+    if not getattr(calls_parser, "skip_special_tokens", True):  # (its markers are special tokens)
+        params = dataclasses.replace(params, skip_special_tokens=False)
     if isinstance(calls_parser, ForcedToolCalls):
-        if params.guided_json is not None or params.guided_regex is not None or params.guided_choice is not None:
+        if any(getattr(params, f"guided_{k}") is not None for k in ("json", "regex", "choice", "grammar")):
             raise APIError("a forced 'tool_choice' ('required' or a named function) sets the reply's structure "
                            "itself: leave out response_format and the guided fields", param="tool_choice")
         params = dataclasses.replace(params, guided_json=calls_parser.schema())

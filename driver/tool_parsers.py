@@ -5,7 +5,13 @@ A parser knows one model family's format:
 - `hermes` (Hermes, Qwen2/2.5/3): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
   any number of them, after optional content;
 - `llama3_json` (Llama 3.1/3.2): the whole reply is `{"name": ..., "parameters": {...}}`
-  (several joined by `;`), optionally after `<|python_tag|>`.
+  (several joined by `;`), optionally after `<|python_tag|>`;
+- `pythonic` (Llama 3.2 and 4, ToolACE): the whole reply is a Python list of calls with
+  literal keyword arguments, `[get_weather(city="Paris"), get_time()]`, optionally inside
+  `<|python_start|>` ... `<|python_end|>`;
+- `mistral` (Mistral, Mixtral): `[TOOL_CALLS]` then a JSON list of `{"name", "arguments"}`,
+  or (newer tokenizers) `name[ARGS]{...}` per call, after optional content. Those markers are
+  special tokens, so the parser asks for them in the text (skip_special_tokens off).
 
 `ForcedToolCalls` serves tool_choice "required" and named functions: structured outputs
 make the whole reply the calls' JSON, for any model.
@@ -17,6 +23,7 @@ that the stream holds back what may turn out to be a call.
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -100,6 +107,64 @@ class Llama3JsonToolParser:
         return None, calls
 
 
+class PythonicToolParser:
+    name = "pythonic"
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def tool_start(self, text: str) -> int | None:
+        head = text.lstrip()
+        maybe = not head or head.startswith(("[", self.START)) or self.START.startswith(head)
+        return 0 if maybe else None
+
+    def extract(self, text: str) -> tuple[str | None, list[dict]]:
+        body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return text, []
+            return None, [self._call(node) for node in tree.elts]
+        except (SyntaxError, ValueError):
+            return text, []
+
+    @staticmethod
+    def _call(node) -> dict:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            raise ValueError("not a call by keywords")
+        if any(k.arg is None for k in node.keywords):
+            raise ValueError("**kwargs")
+        return tool_call(node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords})
+
+
+class MistralToolParser:
+    name = "mistral"
+    START, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    skip_special_tokens = False  # the markers are special tokens
+
+    def tool_start(self, text: str) -> int | None:
+        pos = text.find(self.START)
+        return pos if pos >= 0 else _partial_suffix(text, self.START)
+
+    def extract(self, text: str) -> tuple[str | None, list[dict]]:
+        start = text.find(self.START)
+        if start < 0:
+            return text, []
+        calls = []
+        for part in text[start:].split(self.START)[1:]:
+            part = part.strip()
+            try:
+                if part.startswith("["):  # a JSON list of calls
+                    found = [_call_of(obj, "arguments") for obj in json.loads(part)]
+                else:  # name[ARGS]{...}
+                    name, args = part.split(self.ARGS, 1)
+                    found = [tool_call(name.strip(), json.loads(args))] if name.strip() else [None]
+            except (json.JSONDecodeError, ValueError, TypeError):
+                return text, []
+            if not found or None in found:
+                return text, []
+            calls += found
+        return text[:start].strip() or None, calls
+
+
 class ForcedToolCalls:
     """tool_choice "required" or a named function (vLLM's way): structured outputs force the
     reply to be JSON of `schema()`, every bit of it calls: for "required" a list of
@@ -133,7 +198,7 @@ class ForcedToolCalls:
         return None, [tool_call(c["name"], c["parameters"]) for c in value]
 
 
-TOOL_PARSERS = {p.name: p for p in (HermesToolParser, Llama3JsonToolParser)}
+TOOL_PARSERS = {p.name: p for p in (HermesToolParser, Llama3JsonToolParser, PythonicToolParser, MistralToolParser)}
 
 
 def get_tool_parser(name: str):
@@ -143,4 +208,4 @@ def get_tool_parser(name: str):
 
 
 __all__ = ["TOOL_PARSERS", "get_tool_parser", "tool_call", "ForcedToolCalls", "HermesToolParser",
-           "Llama3JsonToolParser"]
+           "Llama3JsonToolParser", "MistralToolParser", "PythonicToolParser"]

@@ -122,18 +122,21 @@ TOOLS_CHAT_TEMPLATE = (
 )
 
 
-def make_scripted_checkpoint(dir: str, script: list[str], chat_template: str = TOOLS_CHAT_TEMPLATE) -> str:
-    """A tiny Llama whose greedy reply to any chat is `script` (each piece one added token),
-    then its end-of-turn token: every layer adds nothing to the residual stream (o_proj and
-    down_proj are zero), so the logits depend on the last token alone, and lm_head maps the
-    generation prompt's last token to script[0], script[0] to script[1], and so on."""
+def make_scripted_checkpoint(dir: str, script: list[str], chat_template: str = TOOLS_CHAT_TEMPLATE,
+                             special: tuple[str, ...] = ()) -> str:
+    """A tiny Llama whose greedy reply to any chat is `script` (each piece one added token;
+    those in `special` special ones), then its end-of-turn token: every layer adds nothing to
+    the residual stream (o_proj and down_proj are zero), so the logits depend on the last
+    token alone, and lm_head maps the generation prompt's last token to script[0], script[0]
+    to script[1], and so on."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from driver.tokenizer import apply_chat_template
 
     tok = fresh_tokenizer()
-    tok.add_tokens(list(script))
+    tok.add_tokens([piece for piece in script if piece not in special])
+    tok.add_special_tokens({"additional_special_tokens": list(special)})
     tok.chat_template = chat_template
     make_checkpoint(dir, "llama", hidden=64, tokenizer=tok)
     chain = [apply_chat_template(tok, [{"role": "user", "content": "hi"}])[-1]]

@@ -49,6 +49,10 @@ def test_stop_token_ids_and_min_tokens(llm):
     stopped = _greedy(llm, stop_token_ids=[stop_id])
     assert stopped.token_ids == full.token_ids[:first + 1]
     assert stopped.finish_reason == "stop"
+    # The stop token is not text (vLLM v1's), unless include_stop_str_in_output.
+    assert stopped.text == llm.tokenizer.decode(full.token_ids[:first])
+    kept = _greedy(llm, stop_token_ids=[stop_id], include_stop_str_in_output=True)
+    assert kept.text == llm.tokenizer.decode(full.token_ids[:first + 1]) != stopped.text
     late = _greedy(llm, stop_token_ids=[stop_id], min_tokens=first + 3)
     assert len(late.token_ids) >= first + 3
     assert stop_id not in late.token_ids[:first + 3]

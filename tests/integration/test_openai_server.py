@@ -459,5 +459,5 @@ def test_cli_serve_help_explains():
     out = subprocess.run([sys.executable, "-m", "driver.cli", "serve", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for words in ("OpenAI API", "--port", "--max-num-requests", "HTTP 503", "--tensor-parallel-size",
-                  "--enable-auto-tool-choice", "{hermes,llama3_json}", "--reasoning-parser"):
+                  "--enable-auto-tool-choice", "{hermes,llama3_json,mistral,pythonic}", "--reasoning-parser"):
         assert words in out

@@ -6,7 +6,8 @@ from unittest.mock import ANY
 import pytest
 
 from driver.openai_protocol import APIError, parse_chat
-from driver.tool_parsers import HermesToolParser, Llama3JsonToolParser, get_tool_parser
+from driver.tool_parsers import (HermesToolParser, Llama3JsonToolParser, MistralToolParser, PythonicToolParser,
+                                 get_tool_parser)
 from tests.checkpoints import TOOLS_CHAT_TEMPLATE, fresh_tokenizer
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris"}}
@@ -56,9 +57,42 @@ def test_llama3_json_calls():
     assert [p.tool_start(t) for t in ("", "  {", "<|python", "Hello")] == [0, 0, 0, None]
 
 
+def test_pythonic_calls():
+    p = PythonicToolParser()
+    text = "[get_weather(city='Paris', days=2, hourly=True), get_time(tz=\"CET\", opts={'a': [1, None]})]"
+    assert p.extract(text)[0] is None
+    assert _plain(p.extract(text)[1]) == [("get_weather", {"city": "Paris", "days": 2, "hourly": True}),
+                                          ("get_time", {"tz": "CET", "opts": {"a": [1, None]}})]
+    wrapped = "<|python_start|>[get_time()]<|python_end|>"
+    assert _plain(p.extract(wrapped)[1]) == [("get_time", {})]
+    for text in ("It is sunny.", "[]", "[get_time(1)]", "[get_time(tz=now())]", "[get_time(**kw)]", "[x.y()]",
+                 "[get_time(tz='CET'"):
+        assert p.extract(text) == (text, []), text
+    assert [p.tool_start(t) for t in ("", " [", "<|python", "Hello")] == [0, 0, 0, None]
+
+
+def test_mistral_calls_both_formats():
+    p = MistralToolParser()
+    old = "Checking. [TOOL_CALLS] " + json.dumps([WEATHER, TIME])
+    assert p.extract(old)[0] == "Checking."
+    assert _plain(p.extract(old)[1]) == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})]
+    new = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"tz": "CET"}'
+    assert p.extract(new) == (None, ANY) and _plain(p.extract(new)[1]) == _plain(p.extract(old)[1])
+    for text in ("no calls", "[TOOL_CALLS] {not json", "[TOOL_CALLS][ARGS]{}", '[TOOL_CALLS][{"arguments": {}}]',
+                 "[TOOL_CALLS]get_time"):
+        assert p.extract(text) == (text, []), text
+    assert p.tool_start("Sure [TOOL") == len("Sure ") and p.tool_start("a [b]") is None
+
+
+def test_mistral_keeps_special_tokens_in_the_reply(tok):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    assert parse_chat(body, tok, len(tok), 4096, "m", "mistral").params.skip_special_tokens is False
+    assert parse_chat(body, tok, len(tok), 4096, "m", "hermes").params.skip_special_tokens is True
+
+
 def test_unknown_parser_names_the_choices():
-    with pytest.raises(ValueError, match=r"choose one of \['hermes', 'llama3_json'\]"):
-        get_tool_parser("mistral")
+    with pytest.raises(ValueError, match=r"choose one of \['hermes', 'llama3_json', 'mistral', 'pythonic'\]"):
+        get_tool_parser("granite")
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
