@@ -23,6 +23,7 @@ from driver.detokenizer import next_stream_delta
 from driver.engine import EngineDeadError, eos_token_ids
 from driver.openai_protocol import (APIError, ParsedRequest, parse_chat, parse_completion, parse_detokenize,
                                     parse_embeddings, parse_tokenize)
+from driver.openai_responses import ResponseBuilder, chat_body
 from driver.lora import LoRARequest
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
@@ -122,6 +123,15 @@ class OpenAIServing:
 
     async def chat_completions(self, body: dict) -> dict | AsyncIterator[str]:
         return await self._serve(body, chat=True)
+
+    async def responses(self, body: dict) -> dict | AsyncIterator[str]:
+        """OpenAI's Responses API, as the chat completion it means (driver/openai_responses.py)."""
+        chat = chat_body(body)
+        builder, result = ResponseBuilder(body), await self._serve(chat, chat=True)
+        if chat.get("stream"):
+            return builder.events(result)
+        choice = result["choices"][0]
+        return builder.response(choice["message"], choice["finish_reason"], result["usage"])
 
     async def _serve(self, body: dict, chat: bool) -> dict | AsyncIterator[str]:
         m = self.engine.config.model

@@ -3,9 +3,9 @@
     raytp serve --model DIR --tp 2            # or: serve.run(build_app(engine_cfg, serve_cfg))
     curl localhost:8000/v1/completions -d '{"model": "DIR-name", "prompt": "Hello"}'
 
-Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models,
-POST /tokenize and POST /detokenize (vLLM's; with --api-key, all these need `Authorization:
-Bearer <key>`),
+Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings,
+GET /v1/models, POST /tokenize and POST /detokenize (vLLM's; with --api-key, all these need
+`Authorization: Bearer <key>`),
 GET /health (200, or 503 once the engine died), GET /metrics (Prometheus text).
 
 A replica's engine steps in its own actor beside it (`raytp-core-<id>`,
@@ -94,6 +94,10 @@ class OpenAIServer:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._respond(request, self.api.chat_completions)
+
+    @app.post("/v1/responses")
+    async def responses(self, request: Request) -> Response:
+        return await self._respond(request, self.api.responses)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:

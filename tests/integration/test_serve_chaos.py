@@ -1,11 +1,12 @@
 """Mixed load with clients that go away: a served engine with a small KV cache (so sequences
-are preempted) takes concurrent requests of every kind (streamed or not, chat, n > 1, beam
-search, structured outputs, logprobs, stop strings, echo, over-long prompts), about half of
+are preempted) takes concurrent requests of every kind (streamed or not, chat, responses,
+n > 1, beam search, structured outputs, logprobs, stop strings, echo, over-long prompts), about half of
 them abandoned by their clients at random moments. Every answer is a success or an error
 that says why (never a 500), and afterwards nothing is left: no request in flight, every KV
 block free, and the engine answers as before the load."""
 import asyncio
 import random
+import re
 
 import httpx
 import pytest
@@ -41,9 +42,12 @@ def _request(rng: random.Random) -> tuple[str, dict]:
     prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 130)))
     body = {"model": "m", "prompt": prompt, "max_tokens": rng.randint(1, 120), "temperature": rng.choice([0, 0.8]),
             "stream": rng.random() < 0.4}
-    kind = rng.choice(["plain", "chat", "n", "regex", "json", "beam", "logprobs", "stop", "echo"])
+    kind = rng.choice(["plain", "chat", "n", "regex", "json", "beam", "logprobs", "stop", "echo", "responses"])
     if kind in ("chat", "json"):
         body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+    if kind == "responses":
+        body["input"], body["max_output_tokens"] = body.pop("prompt"), body.pop("max_tokens")
+        return "/v1/responses", body
     extra = {"n": {"n": rng.randint(2, 3)}, "regex": {"guided_regex": "(yes|no), [a-z]{2,9}!"},
              "json": {"response_format": {"type": "json_object"}}, "logprobs": {"logprobs": 2},
              "beam": {"use_beam_search": True, "n": 2, "temperature": 0, "stream": False,
@@ -59,7 +63,8 @@ async def _send(client: httpx.AsyncClient, url: str, path: str, body: dict) -> t
         r = await client.post(url + path, json=body)
         return r.status_code, r.text if r.status_code != 200 else ""
     async with client.stream("POST", url + path, json=body) as r:
-        errors = [line async for line in r.aiter_lines() if '"error"' in line]
+        # (an error body or event; a response object's `"error": null` is none)
+        errors = [line async for line in r.aiter_lines() if re.search(r'"error":\s*\{|"type":\s*"error"', line)]
         return r.status_code, "".join(errors)
 
 
