@@ -25,7 +25,7 @@ def test_preset_then_flags():
     ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas (2) must be greater"),
     ({"autoscaling_config": {"max_replicas": 2}, "num_replicas": 2}, "num_replicas or autoscaling_config"),
     ({"enable_auto_tool_choice": True}, "enable_auto_tool_choice needs tool_call_parser"),
-    ({"tool_call_parser": "mistral"}, "unknown tool call parser 'mistral'; choose one of"),
+    ({"tool_call_parser": "granite"}, "unknown tool call parser 'granite'; choose one of"),
     ({"prot": 1}, "unknown serve option(s) ['prot']"),
     ({"port": 70000}, "port must be in 1..65535"),
     ({"stream_interval": 0}, "stream_interval must be >= 1"),
