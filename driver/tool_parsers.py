@@ -123,7 +123,7 @@ class PythonicToolParser:
             if not isinstance(tree, ast.List) or not tree.elts:
                 return text, []
             return None, [self._call(node) for node in tree.elts]
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, TypeError, RecursionError):
             return text, []
 
     @staticmethod

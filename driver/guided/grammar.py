@@ -9,7 +9,8 @@ a rule a call of it, and the pattern matches the rule `root`.
 Rules: `name ::= alternatives`, names of letters, digits, '-' and '_'. Terms: "strings"
 (escapes \\n \\t \\r \\" \\\\ \\xHH \\uHHHH), [classes] (ranges, ^, the same escapes), '.' (any
 character), rule names, ( groups ), and the postfixes * + ? {m} {m,} {m,n}. A rule may call
-itself, also on the left (nested up to regex.MAX_CALL_DEPTH calls).
+itself, nested up to regex.MAX_CALL_DEPTH calls, but not before it matches a character: left
+recursion (`a ::= a "x" | "y"`) is refused with its rewrite (`a ::= "y" "x"*`).
 """
 from __future__ import annotations
 
@@ -59,8 +60,7 @@ def grammar_to_regex(text: str) -> str:
         names = {g: n for n, g in groups.items()}
         message = str(e).replace(f"regex {pattern!r}", "the grammar")
         message = re.sub(r"'(rule\d+)'", lambda m: repr(names.get(m[1], m[1])), message)
-        raise GrammarError("grammar: " + message.replace("group", "rule")) \
-            from None
+        raise GrammarError("grammar: " + message.replace("group", "rule")) from None
     return pattern
 
 
