@@ -1,14 +1,15 @@
 """OpenAI's Responses API (POST /v1/responses), served as a chat completion: a request becomes
 the chat request it means, and the chat reply (or its stream of chunks) becomes a response
 object (or its stream of events), so both share the chat path's template, sampling, stop
-strings, reasoning and structured outputs.
+strings, reasoning, tool parsing and structured outputs.
 
-Taken: `input` (a string, or message items whose content is a string or input_text /
-output_text parts), `instructions` (a leading system message), `max_output_tokens`,
-`temperature`, `top_p`, `stream`, `text.format` (text, json_object, json_schema), `metadata`
-(echoed), and the sampling extensions the chat API takes. Refused with a 400 that says so:
-tools, previous_response_id and background (this server keeps no responses), and input items
-of other kinds (images, files, tool calls).
+Taken: `input` (a string, or items: messages whose content is a string or input_text /
+output_text parts, function_call and function_call_output), `instructions` (a leading system
+message), function `tools` and `tool_choice` (the server's --tool-call-parser reads the calls,
+as for chat), `max_output_tokens`, `temperature`, `top_p`, `stream`, `text.format` (text,
+json_object, json_schema), `metadata` (echoed), and the sampling extensions the chat API
+takes. Refused with a 400 that says so: previous_response_id and background (this server keeps
+no responses), tools of other kinds, and other input items (images, files).
 """
 from __future__ import annotations
 
@@ -24,21 +25,26 @@ _PASSED = {"model", "temperature", "top_p", "top_k", "min_p", "seed", "user", "s
            "presence_penalty", "frequency_penalty", "logit_bias", "bad_words", "min_tokens", "ignore_eos",
            "priority", "structured_outputs", "guided_regex", "guided_json", "guided_choice", "guided_grammar"}
 _IGNORED = {"store", "truncation", "parallel_tool_calls", "service_tier", "include", "reasoning", "prompt_cache_key"}
+_OWN = {"input", "instructions", "max_output_tokens", "stream", "text", "metadata", "tools", "tool_choice"}
 
 
 def chat_body(body: dict) -> dict:
     """The chat completion request a Responses request means."""
-    if unsupported := sorted(k for k in ("tools", "previous_response_id", "background", "conversation")
-                             if body.get(k)):
-        raise APIError(f"{unsupported} are not supported by this server's Responses API (it keeps no "
-                       f"responses and runs no tools); use /v1/chat/completions for tools", param=unsupported[0])
-    if unknown := sorted(set(body) - _PASSED - _IGNORED - {"input", "instructions", "max_output_tokens",
-                                                           "stream", "text", "metadata", "tool_choice"}):
+    if unsupported := sorted(k for k in ("previous_response_id", "background", "conversation") if body.get(k)):
+        raise APIError(f"{unsupported} are not supported: this server keeps no responses; send the whole "
+                       f"conversation as 'input'", param=unsupported[0])
+    if unknown := sorted(set(body) - _PASSED - _IGNORED - _OWN):
         raise APIError(f"unknown Responses API fields {unknown}", param=unknown[0])
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     messages += _messages(body.get("input"))
     chat = {k: v for k, v in body.items() if k in _PASSED}
     chat["messages"] = messages
+    if body.get("tools"):
+        chat["tools"] = [_tool(t) for t in body["tools"]]
+    if body.get("tool_choice") is not None:
+        choice = body["tool_choice"]
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}} \
+            if isinstance(choice, dict) else choice
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     if body.get("stream"):
@@ -52,55 +58,89 @@ def chat_body(body: dict) -> dict:
     return chat
 
 
+def _tool(tool) -> dict:
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not tool.get("name"):
+        raise APIError("only function tools ({'type': 'function', 'name', 'parameters'}) are supported",
+                       param="tools")
+    spec = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
+    return {"type": "function", "function": spec}
+
+
 def _messages(items) -> list[dict]:
+    """Input items as chat messages: a run of function_call items is one assistant turn with
+    those tool_calls; a function_call_output is a tool turn."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
-        raise APIError("'input' must be a string or a non-empty list of messages", param="input")
-    out = []
+        raise APIError("'input' must be a string or a non-empty list of items", param="input")
+    out: list[dict] = []
     for item in items:
-        if not isinstance(item, dict) or item.get("type", "message") != "message" or "role" not in item:
-            raise APIError("'input' items must be messages ({'role', 'content'}); other kinds of item (tool "
-                           "calls, images, files) are not supported", param="input")
-        content = item.get("content")
-        if isinstance(content, list):
-            if any(p.get("type") not in ("input_text", "output_text") for p in content):
-                raise APIError("message content parts must be input_text or output_text", param="input")
-            content = "".join(p.get("text", "") for p in content)
-        out.append({"role": item["role"], "content": content})
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
+            if out and out[-1].get("tool_calls") and out[-1]["role"] == "assistant":
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output", "")})
+        elif kind == "message" and "role" in item:
+            out.append({"role": item["role"], "content": _text(item.get("content"))})
+        else:
+            raise APIError("'input' items must be messages, function_call or function_call_output; other "
+                           "kinds (images, files) are not supported", param="input")
     return out
 
 
+def _text(content) -> str | None:
+    if not isinstance(content, list):
+        return content
+    if any(not isinstance(p, dict) or p.get("type") not in ("input_text", "output_text") for p in content):
+        raise APIError("message content parts must be input_text or output_text", param="input")
+    return "".join(p.get("text", "") for p in content)
+
+
 class ResponseBuilder:
-    """One response's object and events, from the chat reply (or its chunks)."""
+    """One response's object and events, from the chat reply (or its chunks). Output items:
+    the message (where there is text), then the function calls, then the reasoning."""
 
     def __init__(self, body: dict):
         self.body, self.id, self.created = body, f"resp_{uuid.uuid4().hex}", int(time.time())
-        self.message_id, self.reasoning_id = f"msg_{uuid.uuid4().hex}", f"rs_{uuid.uuid4().hex}"
+        self.message_id = f"msg_{uuid.uuid4().hex}"
         self.sequence = 0
 
     def response(self, message: dict | None, finish_reason: str | None, usage: dict | None) -> dict:
-        """The response object; message None: in progress."""
+        """The response object for a chat reply's message; None: in progress."""
         done = message is not None
         status = "in_progress" if not done else "incomplete" if finish_reason == "length" else "completed"
-        # The message is output 0 (as the stream's events say); reasoning, if any, follows it.
-        output = [self.message(message.get("content") or "", "completed")] if done else []
+        output = []
+        if done and message.get("content"):
+            output.append(self.message(message["content"], "completed"))
+        if done:
+            output += [self.function_call(c) for c in message.get("tool_calls") or []]
         if done and message.get("reasoning_content"):
-            output.append({"type": "reasoning", "id": self.reasoning_id, "summary": [],
+            output.append({"type": "reasoning", "id": f"rs_{self.id[5:]}", "summary": [],
                            "content": [{"type": "reasoning_text", "text": message["reasoning_content"]}]})
         b = self.body
         return {"id": self.id, "object": "response", "created_at": self.created, "model": b.get("model"),
                 "status": status, "output": output, "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
-                "metadata": b.get("metadata") or {}, "parallel_tool_calls": False, "tool_choice": "none",
-                "tools": [], "temperature": b.get("temperature"), "top_p": b.get("top_p"), "store": False,
+                "metadata": b.get("metadata") or {}, "parallel_tool_calls": True,
+                "tool_choice": b.get("tool_choice") or "auto", "tools": b.get("tools") or [],
+                "temperature": b.get("temperature"), "top_p": b.get("top_p"), "store": False,
                 "text": b.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
                 "usage": _usage(usage) if usage else None}
 
     def message(self, text: str, status: str) -> dict:
         parts = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": parts}
+
+    @staticmethod
+    def function_call(call: dict) -> dict:
+        return {"type": "function_call", "id": f"fc_{call['id'].rsplit('-', 1)[-1]}", "call_id": call["id"],
+                "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
 
     def event(self, kind: str, **fields) -> str:
         self.sequence += 1
@@ -111,37 +151,81 @@ class ResponseBuilder:
         """The chat stream's SSE chunks as the Responses API's events."""
         yield self.event("response.created", response=self.response(None, None, None))
         yield self.event("response.in_progress", response=self.response(None, None, None))
-        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
-        yield self.event("response.output_item.added", output_index=0, item=self.message("", "in_progress"))
-        yield self.event("response.content_part.added", item_id=self.message_id, output_index=0, content_index=0,
-                         part={"type": "output_text", "text": "", "annotations": []})
-        text, reasoning, reason, usage = [], [], None, None
+        stream = _EventState(self)
         async with contextlib.aclosing(chunks):  # (leaving early closes the chat stream: its request aborts)
             async for sse in chunks:
                 if not sse.startswith("data: {"):
                     continue  # ([DONE])
                 chunk = json.loads(sse[len("data: "):])
                 if "error" in chunk:
-                    yield self.event("error", code=chunk["error"].get("code"), message=chunk["error"]["message"],
-                                     param=chunk["error"].get("param"))
+                    err = chunk["error"]
+                    yield self.event("error", code=err.get("code"), message=err["message"], param=err.get("param"))
                     return
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices", []):
-                    delta = choice.get("delta", {})
-                    reasoning.append(delta.get("reasoning_content") or "")
-                    if delta.get("content"):
-                        text.append(delta["content"])
-                        yield self.event("response.output_text.delta", delta=delta["content"], logprobs=[], **where)
-                    reason = choice.get("finish_reason") or reason
-        whole = "".join(text)
-        part = {"type": "output_text", "text": whole, "annotations": []}
-        yield self.event("response.output_text.done", text=whole, logprobs=[], **where)
-        yield self.event("response.content_part.done", item_id=self.message_id, output_index=0, content_index=0,
-                         part=part)
-        yield self.event("response.output_item.done", output_index=0, item=self.message(whole, "completed"))
-        final = self.response({"content": whole, "reasoning_content": "".join(reasoning)}, reason, usage)
+                for event in stream.take(chunk):
+                    yield event
+        for event in stream.close_message():
+            yield event
+        final = self.response(stream.reply(), stream.finish_reason, stream.usage)
         yield self.event("response.completed" if final["status"] == "completed" else "response.incomplete",
                          response=final)
+
+
+class _EventState:
+    """What a stream has said so far: the message's text (its item opened at the first text),
+    the calls, the reasoning; each chat chunk becomes the events it means."""
+
+    def __init__(self, builder: ResponseBuilder):
+        self.b, self.text, self.calls, self.reasoning = builder, [], [], []
+        self.index, self.message_index = 0, None  # the next output index; the message's, once open
+        self.finish_reason, self.usage, self.closed = None, None, False
+
+    def take(self, chunk: dict) -> list[str]:
+        events, b = [], self.b
+        self.usage = chunk.get("usage") or self.usage
+        for choice in chunk.get("choices", []):
+            delta = choice.get("delta", {})
+            self.reasoning.append(delta.get("reasoning_content") or "")
+            if delta.get("content"):
+                if self.message_index is None:
+                    self.message_index, self.index = self.index, self.index + 1
+                    events += [b.event("response.output_item.added", output_index=self.message_index,
+                                       item=b.message("", "in_progress")),
+                               b.event("response.content_part.added", item_id=b.message_id, content_index=0,
+                                       output_index=self.message_index,
+                                       part={"type": "output_text", "text": "", "annotations": []})]
+                self.text.append(delta["content"])
+                events.append(b.event("response.output_text.delta", item_id=b.message_id, content_index=0,
+                                      output_index=self.message_index, delta=delta["content"], logprobs=[]))
+            for call in delta.get("tool_calls") or []:
+                events += self.close_message() + self._call(call)
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        return events
+
+    def _call(self, call: dict) -> list[str]:
+        self.calls.append(call)
+        item, b = ResponseBuilder.function_call(call), self.b
+        index, self.index = self.index, self.index + 1
+        return [b.event("response.output_item.added", output_index=index, item={**item, "arguments": "",
+                                                                                 "status": "in_progress"}),
+                b.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                        delta=item["arguments"]),
+                b.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        arguments=item["arguments"]),
+                b.event("response.output_item.done", output_index=index, item=item)]
+
+    def close_message(self) -> list[str]:
+        if self.message_index is None or self.closed:
+            return []
+        self.closed, b, whole = True, self.b, "".join(self.text)
+        where = {"item_id": b.message_id, "output_index": self.message_index, "content_index": 0}
+        return [b.event("response.output_text.done", text=whole, logprobs=[], **where),
+                b.event("response.content_part.done", part={"type": "output_text", "text": whole, "annotations": []},
+                        **where),
+                b.event("response.output_item.done", output_index=self.message_index,
+                        item=b.message(whole, "completed"))]
+
+    def reply(self) -> dict:
+        return {"content": "".join(self.text), "tool_calls": self.calls, "reasoning_content": "".join(self.reasoning)}
 
 
 def _usage(chat_usage: dict) -> dict:

@@ -1,7 +1,7 @@
 """OpenAI's Responses API (/v1/responses) through the official `openai` client: a response is
 the chat completion its input means (same text, token for token), whole or streamed as the
 API's events; json_schema formats and max_output_tokens work; what the server cannot do is
-refused with a 400 that says so."""
+refused with a 400 that says so. (Function tools: tests/integration/test_openai_tools.py.)"""
 import json
 
 import openai
@@ -48,9 +48,10 @@ def test_json_schema_format(client):
 
 
 @pytest.mark.parametrize("extra, says", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "not supported"),
+    ({"tools": [{"type": "web_search"}]}, "only function tools"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "--enable-auto-tool-choice"),
     ({"previous_response_id": "resp_x"}, "keeps no responses"),
-    ({"input": [{"type": "input_image", "image_url": "http://x"}]}, "items must be messages"),
+    ({"input": [{"type": "input_image", "image_url": "http://x"}]}, "items must be messages, function_call"),
     ({"extra_body": {"bogus": 1}}, "unknown Responses API fields ['bogus']"),
 ])
 def test_what_it_cannot_do_is_refused(client, extra, says):

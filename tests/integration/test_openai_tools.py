@@ -66,6 +66,27 @@ def test_streamed_tool_calls_equal_the_whole_response(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_responses_api_function_calls(client):
+    """The Responses API's function tools: the call comes back as a function_call item (whole
+    and streamed), and the next turn carries it and its output back as input items."""
+    tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+              "parameters": t["function"]["parameters"]} for t in TOOLS]
+    out = client.responses.create(model=MODEL, input=ASK[0]["content"], tools=tools, temperature=0)
+    [call] = out.output
+    assert call.type == "function_call" and call.name == "get_weather" and out.status == "completed"
+    assert json.loads(call.arguments) == CALL["arguments"] and call.call_id.startswith("chatcmpl-tool-")
+    events = list(client.responses.create(model=MODEL, input=ASK[0]["content"], tools=tools, temperature=0,
+                                          stream=True))
+    assert [e.type for e in events][2:6] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                             "response.function_call_arguments.done", "response.output_item.done"]
+    assert json.loads(events[-1].response.output[0].arguments) == CALL["arguments"]
+    again = client.responses.create(model=MODEL, tools=tools, temperature=0, input=[
+        {"role": "user", "content": ASK[0]["content"]},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 24 C"}])
+    assert again.usage.input_tokens > out.usage.input_tokens and again.output[0].type == "function_call"
+
+
 def test_without_tools_the_reply_is_text(client, url):
     out = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0)
     assert out.choices[0].message.content == "<tool_call>" + json.dumps(CALL) + "</tool_call>"
