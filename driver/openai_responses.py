@@ -102,12 +102,13 @@ def _text(content) -> str | None:
 
 
 class ResponseBuilder:
-    """One response's object and events, from the chat reply (or its chunks). Output items:
-    the message (where there is text), then the function calls, then the reasoning."""
+    """One response's object and events, from the chat reply (or its chunks). Output items, in
+    the order the model writes them: the reasoning (if any), the message (where there is
+    text), then the function calls."""
 
     def __init__(self, body: dict):
         self.body, self.id, self.created = body, f"resp_{uuid.uuid4().hex}", int(time.time())
-        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.message_id, self.reasoning_id = f"msg_{uuid.uuid4().hex}", f"rs_{uuid.uuid4().hex}"
         self.sequence = 0
 
     def response(self, message: dict | None, finish_reason: str | None, usage: dict | None) -> dict:
@@ -115,13 +116,12 @@ class ResponseBuilder:
         done = message is not None
         status = "in_progress" if not done else "incomplete" if finish_reason == "length" else "completed"
         output = []
+        if done and message.get("reasoning_content"):
+            output.append(self.reasoning(message["reasoning_content"], "completed"))
         if done and message.get("content"):
             output.append(self.message(message["content"], "completed"))
         if done:
             output += [self.function_call(c) for c in message.get("tool_calls") or []]
-        if done and message.get("reasoning_content"):
-            output.append({"type": "reasoning", "id": f"rs_{self.id[5:]}", "summary": [],
-                           "content": [{"type": "reasoning_text", "text": message["reasoning_content"]}]})
         b = self.body
         return {"id": self.id, "object": "response", "created_at": self.created, "model": b.get("model"),
                 "status": status, "output": output, "error": None,
@@ -136,6 +136,10 @@ class ResponseBuilder:
     def message(self, text: str, status: str) -> dict:
         parts = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": parts}
+
+    def reasoning(self, text: str, status: str) -> dict:
+        parts = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+        return {"type": "reasoning", "id": self.reasoning_id, "status": status, "summary": [], "content": parts}
 
     @staticmethod
     def function_call(call: dict) -> dict:
@@ -163,48 +167,64 @@ class ResponseBuilder:
                     return
                 for event in stream.take(chunk):
                     yield event
-        for event in stream.close_message():
+        for event in stream.close():
             yield event
         final = self.response(stream.reply(), stream.finish_reason, stream.usage)
         yield self.event("response.completed" if final["status"] == "completed" else "response.incomplete",
                          response=final)
 
 
+# Per streamed text item: (the chat delta's field, its part type, its delta and done events).
+_TEXT_ITEMS = {"reasoning": ("reasoning_content", "reasoning_text", "response.reasoning_text"),
+               "message": ("content", "output_text", "response.output_text")}
+
+
 class _EventState:
-    """What a stream has said so far: the message's text (its item opened at the first text),
-    the calls, the reasoning; each chat chunk becomes the events it means."""
+    """What a stream has said so far; each chat chunk becomes the events it means. A text item
+    (reasoning, message) opens at its first text and closes when another item begins."""
 
     def __init__(self, builder: ResponseBuilder):
-        self.b, self.text, self.calls, self.reasoning = builder, [], [], []
-        self.index, self.message_index = 0, None  # the next output index; the message's, once open
-        self.finish_reason, self.usage, self.closed = None, None, False
+        self.b, self.calls = builder, []
+        self.texts: dict[str, list[str]] = {kind: [] for kind in _TEXT_ITEMS}
+        self.indexes: dict[str, int] = {}  # output index of each item opened so far
+        self.open: str | None = None  # the text item being written
+        self.finish_reason, self.usage = None, None
 
     def take(self, chunk: dict) -> list[str]:
-        events, b = [], self.b
+        events = []
         self.usage = chunk.get("usage") or self.usage
         for choice in chunk.get("choices", []):
             delta = choice.get("delta", {})
-            self.reasoning.append(delta.get("reasoning_content") or "")
-            if delta.get("content"):
-                if self.message_index is None:
-                    self.message_index, self.index = self.index, self.index + 1
-                    events += [b.event("response.output_item.added", output_index=self.message_index,
-                                       item=b.message("", "in_progress")),
-                               b.event("response.content_part.added", item_id=b.message_id, content_index=0,
-                                       output_index=self.message_index,
-                                       part={"type": "output_text", "text": "", "annotations": []})]
-                self.text.append(delta["content"])
-                events.append(b.event("response.output_text.delta", item_id=b.message_id, content_index=0,
-                                      output_index=self.message_index, delta=delta["content"], logprobs=[]))
+            for kind, (field, _, _) in _TEXT_ITEMS.items():
+                if delta.get(field):
+                    events += self._text(kind, delta[field])
             for call in delta.get("tool_calls") or []:
-                events += self.close_message() + self._call(call)
+                events += self.close() + self._call(call)
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
         return events
 
+    def _text(self, kind: str, text: str) -> list[str]:
+        b, (_, part, prefix) = self.b, _TEXT_ITEMS[kind]
+        item = b.reasoning if kind == "reasoning" else b.message
+        events = []
+        if self.open != kind:
+            events += self.close()
+            self.open, self.indexes[kind] = kind, len(self.indexes) + len(self.calls)
+            events.append(b.event("response.output_item.added", output_index=self.indexes[kind],
+                                  item=item("", "in_progress")))
+            if kind == "message":
+                events.append(b.event("response.content_part.added", item_id=b.message_id, content_index=0,
+                                      output_index=self.indexes[kind],
+                                      part={"type": part, "text": "", "annotations": []}))
+        self.texts[kind].append(text)
+        item_id = b.reasoning_id if kind == "reasoning" else b.message_id
+        return events + [b.event(f"{prefix}.delta", item_id=item_id, output_index=self.indexes[kind],
+                                 content_index=0, delta=text, **({"logprobs": []} if kind == "message" else {}))]
+
     def _call(self, call: dict) -> list[str]:
-        self.calls.append(call)
         item, b = ResponseBuilder.function_call(call), self.b
-        index, self.index = self.index, self.index + 1
+        index = len(self.indexes) + len(self.calls)
+        self.calls.append(call)
         return [b.event("response.output_item.added", output_index=index, item={**item, "arguments": "",
                                                                                  "status": "in_progress"}),
                 b.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
@@ -213,19 +233,24 @@ class _EventState:
                         arguments=item["arguments"]),
                 b.event("response.output_item.done", output_index=index, item=item)]
 
-    def close_message(self) -> list[str]:
-        if self.message_index is None or self.closed:
+    def close(self) -> list[str]:
+        """The open text item's done events."""
+        kind, self.open = self.open, None
+        if kind is None:
             return []
-        self.closed, b, whole = True, self.b, "".join(self.text)
-        where = {"item_id": b.message_id, "output_index": self.message_index, "content_index": 0}
-        return [b.event("response.output_text.done", text=whole, logprobs=[], **where),
-                b.event("response.content_part.done", part={"type": "output_text", "text": whole, "annotations": []},
-                        **where),
-                b.event("response.output_item.done", output_index=self.message_index,
-                        item=b.message(whole, "completed"))]
+        b, (_, part, prefix) = self.b, _TEXT_ITEMS[kind]
+        whole, index = "".join(self.texts[kind]), self.indexes[kind]
+        item_id, item = (b.reasoning_id, b.reasoning) if kind == "reasoning" else (b.message_id, b.message)
+        events = [b.event(f"{prefix}.done", item_id=item_id, output_index=index, content_index=0, text=whole,
+                          **({"logprobs": []} if kind == "message" else {}))]
+        if kind == "message":
+            events.append(b.event("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
+                                  part={"type": part, "text": whole, "annotations": []}))
+        return events + [b.event("response.output_item.done", output_index=index, item=item(whole, "completed"))]
 
     def reply(self) -> dict:
-        return {"content": "".join(self.text), "tool_calls": self.calls, "reasoning_content": "".join(self.reasoning)}
+        return {"reasoning_content": "".join(self.texts["reasoning"]), "content": "".join(self.texts["message"]),
+                "tool_calls": self.calls}
 
 
 def _usage(chat_usage: dict) -> dict:

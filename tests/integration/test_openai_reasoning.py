@@ -1,7 +1,7 @@
 """--reasoning-parser deepseek_r1 end to end: a scripted checkpoint whose greedy reply is
 thinking, `</think>`, then an answer (as DeepSeek-R1 distills reply, their template having
 opened <think>); the chat API returns the two apart, whole and streamed, and completions
-leave the text as it is."""
+leave the text as it is; the Responses API returns a reasoning item, then the message."""
 import openai
 import pytest
 from ray import serve
@@ -40,3 +40,16 @@ def test_reasoning_and_answer_come_apart(client):
     text = client.completions.create(model=MODEL, prompt="<|user|>\nhi<|end|>\n<|assistant|>\n",
                                      max_tokens=10).choices[0].text
     assert text == THINKING + "</think>" + ANSWER
+
+
+def test_responses_api_reasoning_item_then_message(client):
+    """The Responses API: a reasoning item (streamed as reasoning_text deltas), then the message."""
+    out = client.responses.create(model=MODEL, input=ASK[0]["content"], temperature=0)
+    assert [item.type for item in out.output] == ["reasoning", "message"]
+    assert out.output[0].content[0].text == THINKING and out.output_text == ANSWER
+    events = list(client.responses.create(model=MODEL, input=ASK[0]["content"], temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == THINKING
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ANSWER
+    added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
+    assert added == [(0, "reasoning"), (1, "message")]
+    assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
