@@ -185,6 +185,10 @@ def test_structured_outputs_params_map_onto_the_guided_fields():
     assert SamplingParams(structured_outputs=StructuredOutputsParams(json=schema)).guided_json == schema
     assert SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")).guided_regex == "a+"
     assert SamplingParams(structured_outputs=StructuredOutputsParams(choice=["x", "y"])).guided_choice == ("x", "y")
+    grammar = 'root ::= "a"+'
+    assert SamplingParams(structured_outputs=StructuredOutputsParams(grammar=grammar)).guided_grammar == grammar
+    with pytest.raises(ValueError, match="at most one of"):
+        SamplingParams(guided_regex="a", guided_grammar=grammar)
     assert SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True)).guided_json == \
         {"type": "object"}
     with pytest.raises(ValueError, match="not both"):
