@@ -26,6 +26,9 @@ from driver.guided.regex_syntax import RegexError, parse
 DEAD = -1
 MAX_NFA_STATES = 200_000  # a pattern whose counted repeats would build more is refused
 MAX_CALL_DEPTH = 64  # calls in progress at once (JSON nesting takes two per level)
+# (call stack, NFA state) pairs one DFA state may hold: an ambiguous grammar's grow without
+# end (x ::= "a" x x | "": a million after 15 bytes), and a step must not wait on one.
+MAX_STATE_PAIRS = 20_000
 
 
 # ----------------------------------------------------------------------------- automata
@@ -119,12 +122,20 @@ class DFA:
         self._sets: list[frozenset] = []
         self._table: list[list[int] | None] = []  # per state, its 256 next states once built
         self.accepting: list[bool] = []
-        self._add(self._closure({((), start)}))
+        first = self._closure({((), start)})
+        if first is None:
+            raise RegexError(f"the pattern is too ambiguous: its start holds more than {MAX_STATE_PAIRS} "
+                             f"(call stack, state) pairs")
+        self._add(first)
 
-    def _closure(self, pairs) -> frozenset:
+    def _closure(self, pairs) -> frozenset | None:
+        """pairs and all they reach without a byte; None past MAX_STATE_PAIRS (the bytes that
+        lead there are then DEAD: an output of a grammar that ambiguous is cut there)."""
         nfa = self.nfa
         seen, todo = set(pairs), list(pairs)
         while todo:
+            if len(seen) > MAX_STATE_PAIRS:
+                return None
             stack, q = todo.pop()
             nxt = [(stack, t) for t in nfa.eps[q]]
             if q in nfa.calls and len(stack) < MAX_CALL_DEPTH:  # (deeper: that path dies)
@@ -161,7 +172,8 @@ class DFA:
             for b, pairs in moves.items():
                 key = frozenset(pairs)
                 if key not in targets:
-                    targets[key] = self._add(self._closure(pairs))
+                    closure = self._closure(pairs)
+                    targets[key] = DEAD if closure is None else self._add(closure)
                 row[b] = targets[key]
             self._table[state] = row
         return row

@@ -8,7 +8,7 @@ import re
 import pytest
 import regex
 
-from driver.guided.regex import DEAD, DFA, MAX_CALL_DEPTH, RegexError
+from driver.guided.regex import DEAD, DFA, MAX_CALL_DEPTH, MAX_STATE_PAIRS, RegexError
 
 # (pattern, strings it must match): each also meets random strings, which re decides.
 PATTERNS = [
@@ -59,6 +59,14 @@ def test_calls_nest_up_to_the_bound():
     dfa = DFA(r"(?(DEFINE)(?<v>a|\[(?&v)\]))(?&v)")
     assert dfa.fullmatch("[" * 60 + "a" + "]" * 60)
     assert not dfa.fullmatch("[" * MAX_CALL_DEPTH + "a" + "]" * MAX_CALL_DEPTH)
+
+
+def test_an_ambiguous_grammar_is_cut_not_waited_on():
+    """x ::= "a" x x | "" has ever more ways to read each "a" (a million after 15): past
+    MAX_STATE_PAIRS a state's bytes lead nowhere, so a step never waits long on one."""
+    dfa = DFA(r"(?(DEFINE)(?<x>a(?&x)(?&x)|))(?&x)")
+    assert dfa.fullmatch("aaa") and not dfa.fullmatch("a" * 40)  # (cut: the `regex` module matches it)
+    assert all(len(pairs) <= MAX_STATE_PAIRS for pairs in dfa._sets)
 
 
 def test_walks_bytes_and_ends():
