@@ -159,7 +159,7 @@ class ServeConfig:
     stream_interval: int = 1
     api_key: str | None = None  # when set, /v1/* requests need `Authorization: Bearer <api_key>`
     # Chat requests with tools and tool_choice "auto" (vLLM's flags): parse the model's tool
-    # calls out of its reply with this parser (driver/tool_parsers.py: hermes, llama3_json).
+    # calls out of its reply with this parser (driver/tool_parsers.py: hermes, llama3_json, ...).
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     # Ray Serve's autoscaling_config, as is ({"min_replicas": 1, "max_replicas": 4,
@@ -172,6 +172,8 @@ class ServeConfig:
     lora_modules: dict | None = field(default=None, hash=False)
     # Chat replies' reasoning into `reasoning_content` (driver/reasoning_parsers.py: deepseek_r1).
     reasoning_parser: str | None = None
+    # vLLM's --chat-template: a Jinja chat template (or a file of one) in place of the tokenizer's.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -187,8 +189,11 @@ class ServeConfig:
             from driver.reasoning_parsers import get_reasoning_parser
             get_reasoning_parser(self.reasoning_parser)  # a clear error for an unknown name
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
-            raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes, llama3_json, mistral or pythonic): the "
-                             "format the model writes its tool calls in")
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes, llama3_json, mistral or "
+                             "pythonic): the format the model writes its tool calls in")
+        if self.chat_template is not None:
+            from driver.tokenizer import load_chat_template
+            load_chat_template(self.chat_template)  # a clear error for a missing file
 
     def _check_autoscaling(self) -> None:
         from ray.serve.config import AutoscalingConfig

@@ -17,7 +17,7 @@ from driver.engine import LLMEngine
 from driver.lora import LoRARequest
 from driver.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
-from driver.tokenizer import apply_chat_template, encode_prompt
+from driver.tokenizer import apply_chat_template, encode_prompt, load_chat_template
 
 Prompt = str | list[int]
 
@@ -73,10 +73,13 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, lora_request: LoRARequest | None = None) -> list[RequestOutput]:
-        """Each conversation goes through the tokenizer's chat template."""
+             use_tqdm: bool = True, lora_request: LoRARequest | None = None,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Each conversation goes through the tokenizer's chat template (or `chat_template`: a
+        Jinja template, or a file of one)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [apply_chat_template(self.tokenizer, c) for c in conversations]
+        kw = {"chat_template": load_chat_template(chat_template)} if chat_template is not None else {}
+        prompts = [apply_chat_template(self.tokenizer, c, **kw) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,

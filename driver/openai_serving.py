@@ -27,7 +27,7 @@ from driver.openai_responses import ResponseBuilder, chat_body
 from driver.lora import LoRARequest
 from driver.outputs import CompletionOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
-from driver.tokenizer import load_tokenizer
+from driver.tokenizer import load_chat_template, load_tokenizer
 from driver.reasoning_parsers import Spans, get_reasoning_parser
 
 
@@ -77,7 +77,7 @@ async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str, stream_interval: int = 1,
                  tool_parser: str | None = None, lora_modules: dict[str, str] | None = None,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, chat_template: str | None = None):
         self.engine = engine
         # Each adapter is a model of its own to clients (vLLM's --lora-modules), ids from 1.
         modules = (lora_modules or {}).items()
@@ -88,6 +88,8 @@ class OpenAIServing:
         # The engine detokenizes in its own process; this one tokenizes prompts, renders chat
         # templates and spells out logprobs' tokens.
         self.tokenizer = load_tokenizer(engine.config.model.tokenizer)
+        if chat_template is not None:  # (--chat-template: in place of the tokenizer's own)
+            self.tokenizer.chat_template = load_chat_template(chat_template)
         self.model_name = served_model_name
         self.names = (served_model_name, *self.loras)  # what clients may send as `model`
         self.created = int(time.time())

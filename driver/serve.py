@@ -68,7 +68,8 @@ class OpenAIServer:
         name = serve_config.served_model_name or served_name(engine_config)
         tool_parser = serve_config.tool_call_parser if serve_config.enable_auto_tool_choice else None
         self.api = OpenAIServing(self.engine, name, serve_config.stream_interval, tool_parser,
-                                 serve_config.lora_modules, serve_config.reasoning_parser)
+                                 serve_config.lora_modules, serve_config.reasoning_parser,
+                                 serve_config.chat_template)
         self.api_key = serve_config.api_key
         logger.info("serving %r (tp=%d, %s) as %r", engine_config.model.model,
                     engine_config.parallel.tensor_parallel_size, engine_config.parallel.device, name)

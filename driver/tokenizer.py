@@ -59,13 +59,23 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return [int(t) for t in tokenizer.encode(prompt, add_special_tokens=True)]
 
 
+def load_chat_template(value: str) -> str:
+    """vLLM's --chat-template: the path of a Jinja file, or the template itself."""
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"chat template {value!r} is neither a file nor a Jinja template (no '{{' in it)")
+    return value
+
+
 def apply_chat_template(tokenizer, messages: Sequence[Mapping[str, Any]], **template_kwargs) -> list[int]:
     """Token ids of a chat, rendered with the tokenizer's template and a generation prompt.
 
     The template writes any BOS itself, so the rendered text is tokenized
     without adding special tokens again (what transformers does too).
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None) and not template_kwargs.get("chat_template"):
         name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
         raise ValueError(f"{name!r} has no chat template (no chat_template in tokenizer_config.json "
                          f"or chat_template.jinja); send a plain prompt to the completions API instead")
@@ -91,4 +101,4 @@ def _as_id_list(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-__all__ = ["load_tokenizer", "encode_prompt", "apply_chat_template"]
+__all__ = ["load_tokenizer", "load_chat_template", "encode_prompt", "apply_chat_template"]

@@ -90,6 +90,15 @@ def test_bad_words_equal_transformers(llm, llama_ckpt):
     assert not any(tuple(out.token_ids[i:i + len(w)]) == w for w in banned for i in range(len(out.token_ids)))
 
 
+def test_chat_with_a_chat_template_of_its_own(llm):
+    messages = [{"role": "user", "content": "hi"}]
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<bot>"
+    [out] = llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False, chat_template=template)
+    assert out.prompt_token_ids == llm.tokenizer.encode("<user>hi<bot>", add_special_tokens=False)
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        llm.chat(messages, chat_template="no-such-file.jinja")
+
+
 def test_stop_string_ends_text_and_is_excluded(llm):
     full = _greedy(llm)
     assert len(full.text) > 12, full.text

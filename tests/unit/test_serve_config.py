@@ -30,6 +30,7 @@ def test_preset_then_flags():
     ({"port": 70000}, "port must be in 1..65535"),
     ({"stream_interval": 0}, "stream_interval must be >= 1"),
     ({"max_num_requests": 0}, "max_num_requests"),
+    ({"chat_template": "templates/missing.jinja"}, "neither a file nor a Jinja template"),
 ])
 def test_bad_values_say_what(bad, says):
     with pytest.raises(ValueError) as e:
