@@ -150,6 +150,10 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                             "engines are added while each has more requests in flight than the target")
     group.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", type=_lora_module,
                        help="LoRA adapters (PEFT directories) served as models named NAME; needs --enable-lora")
+    group.add_argument("--generation-config", choices=("auto", "vllm"),
+                       help="auto (default): requests that leave out temperature, top_p, top_k, min_p or "
+                            "repetition_penalty get the checkpoint's generation_config.json values; vllm: the "
+                            "API's defaults")
     group.add_argument("--chat-template", metavar="JINJA",
                        help="chat template in place of the tokenizer's own: a Jinja file, or the template itself")
     group.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS),
@@ -258,7 +262,8 @@ def cmd_serve(args) -> int:
                                          lora_modules=dict(args.lora_modules) if args.lora_modules else None,
                                          enable_auto_tool_choice=args.enable_auto_tool_choice,
                                          tool_call_parser=args.tool_call_parser,
-                                         reasoning_parser=args.reasoning_parser, chat_template=args.chat_template)
+                                         reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
+                                         generation_config=args.generation_config)
     engine_config = _engine_config(args)
     name = serve_config.served_model_name or raytp_serve.served_name(engine_config)
     print(f"raytp: serving {name!r} at http://{serve_config.host}:{serve_config.port}/v1 (Ctrl-C stops)",

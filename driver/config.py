@@ -174,6 +174,9 @@ class ServeConfig:
     reasoning_parser: str | None = None
     # vLLM's --chat-template: a Jinja chat template (or a file of one) in place of the tokenizer's.
     chat_template: str | None = None
+    # vLLM's --generation-config: "auto" takes the checkpoint's generation_config.json sampling
+    # fields as the defaults of requests that leave them out; "vllm" keeps the API's defaults.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -191,6 +194,8 @@ class ServeConfig:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes, llama3_json, mistral or "
                              "pythonic): the format the model writes its tool calls in")
+        if self.generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
         if self.chat_template is not None:
             from driver.tokenizer import load_chat_template
             load_chat_template(self.chat_template)  # a clear error for a missing file
@@ -351,6 +356,21 @@ def _make_model_config(model: str, device: str, dtype: str = "auto", max_model_l
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     return ModelConfig(model=model, arch=arch, dtype=dtype, max_model_len=int(max_model_len),
                        tokenizer=tokenizer or model, load_format=load_format, seed=seed)
+
+
+# The sampling fields a checkpoint's generation_config.json may set, as vLLM reads them.
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(model: str) -> dict[str, Any]:
+    """The sampling defaults the checkpoint's authors chose (its generation_config.json), which
+    vLLM applies where a request leaves a field out (its --generation-config auto)."""
+    path = os.path.join(model, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        config = json.load(f)
+    return {k: config[k] for k in GENERATION_DEFAULT_KEYS if config.get(k) is not None}
 
 
 def engine_fields() -> dict[str, Any]:

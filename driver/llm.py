@@ -12,7 +12,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from driver.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from driver.config import EngineConfig
+from driver.config import EngineConfig, generation_defaults
 from driver.engine import LLMEngine
 from driver.lora import LoRARequest
 from driver.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
@@ -40,6 +40,11 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: what generate() samples with when given no SamplingParams, SamplingParams()
+        with the sampling fields of the checkpoint's generation_config.json."""
+        return SamplingParams(**generation_defaults(self.engine.config.model.model))
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams | PoolingParams] | None = None,
                  use_tqdm: bool = True,
@@ -51,7 +56,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import numpy as np
 
 from driver.async_engine import AsyncLLMEngine, EngineOverloadedError
 from driver.beam_search import BeamSearch, BeamSearchParams, api_beam_params
+from driver.config import generation_defaults
 from driver.detokenizer import next_stream_delta
 from driver.engine import EngineDeadError, eos_token_ids
 from driver.openai_protocol import (APIError, ParsedRequest, parse_chat, parse_completion, parse_detokenize,
@@ -29,6 +31,8 @@ from driver.outputs import CompletionOutput, RequestOutput
 from driver.sampling_params import PoolingParams, SamplingParams
 from driver.tokenizer import load_chat_template, load_tokenizer
 from driver.reasoning_parsers import Spans, get_reasoning_parser
+
+logger = logging.getLogger("raytp.openai_serving")
 
 
 def engine_error(e: Exception) -> APIError:
@@ -77,7 +81,8 @@ async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_name: str, stream_interval: int = 1,
                  tool_parser: str | None = None, lora_modules: dict[str, str] | None = None,
-                 reasoning_parser: str | None = None, chat_template: str | None = None):
+                 reasoning_parser: str | None = None, chat_template: str | None = None,
+                 generation_config: str = "auto"):
         self.engine = engine
         # Each adapter is a model of its own to clients (vLLM's --lora-modules), ids from 1.
         modules = (lora_modules or {}).items()
@@ -91,6 +96,10 @@ class OpenAIServing:
         if chat_template is not None:  # (--chat-template: in place of the tokenizer's own)
             self.tokenizer.chat_template = load_chat_template(chat_template)
         self.model_name = served_model_name
+        # Where a request leaves a sampling field out: the checkpoint's choice (vLLM's way).
+        self.sampling_defaults = generation_defaults(engine.config.model.model) if generation_config == "auto" else {}
+        if self.sampling_defaults:
+            logger.info("sampling defaults from the checkpoint's generation_config.json: %s", self.sampling_defaults)
         self.names = (served_model_name, *self.loras)  # what clients may send as `model`
         self.created = int(time.time())
 
@@ -137,6 +146,8 @@ class OpenAIServing:
 
     async def _serve(self, body: dict, chat: bool) -> dict | AsyncIterator[str]:
         m = self.engine.config.model
+        if isinstance(body, dict):
+            body = {**self.sampling_defaults, **body}
         if chat:
             req = parse_chat(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.names,
                              self.tool_parser)

@@ -69,7 +69,7 @@ class OpenAIServer:
         tool_parser = serve_config.tool_call_parser if serve_config.enable_auto_tool_choice else None
         self.api = OpenAIServing(self.engine, name, serve_config.stream_interval, tool_parser,
                                  serve_config.lora_modules, serve_config.reasoning_parser,
-                                 serve_config.chat_template)
+                                 serve_config.chat_template, serve_config.generation_config)
         self.api_key = serve_config.api_key
         logger.info("serving %r (tp=%d, %s) as %r", engine_config.model.model,
                     engine_config.parallel.tensor_parallel_size, engine_config.parallel.device, name)

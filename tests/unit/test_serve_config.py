@@ -31,6 +31,7 @@ def test_preset_then_flags():
     ({"stream_interval": 0}, "stream_interval must be >= 1"),
     ({"max_num_requests": 0}, "max_num_requests"),
     ({"chat_template": "templates/missing.jinja"}, "neither a file nor a Jinja template"),
+    ({"generation_config": "hf"}, "generation_config must be 'auto' or 'vllm'"),
 ])
 def test_bad_values_say_what(bad, says):
     with pytest.raises(ValueError) as e:
