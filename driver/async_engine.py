@@ -38,14 +38,14 @@ class EngineOverloadedError(RuntimeError):
 class RequestStream:
     """One request's outputs: deltas applied in order, read by one asyncio task."""
 
-    def __init__(self, request_id: str, prompt: list[int]):
+    def __init__(self, request_id: str, prompt: list[int], counted: bool = True):
         self.request_id = request_id
         self.output = RequestOutput(request_id, None, prompt, [], False)
         self.arrived = time.monotonic()
         self.first_token: float | None = None  # when the first output token came
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False  # the reader has seen the last output
-        self.counted = True  # takes a place of max_num_requests (not one reserved earlier)
+        self.counted = counted  # takes a place of max_num_requests (not one reserved earlier)
 
     def apply(self, delta: OutputDelta) -> None:
         if delta.error is not None:
@@ -114,8 +114,7 @@ class AsyncLLMEngine:
             # In a fresh context: the request's would make the core's output stream a child of
             # this request's Ray task, which Ray cancels with it when its client disconnects.
             self._reader = asyncio.get_running_loop().create_task(self._read(), context=contextvars.Context())
-        stream = self._streams[request_id] = RequestStream(request_id, prompt)
-        stream.counted = not reserved
+        stream = self._streams[request_id] = RequestStream(request_id, prompt, counted=not reserved)
         self.core.add.remote(request_id, prompt, params, lora_request, priority)
         return self._outputs(stream)
 

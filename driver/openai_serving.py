@@ -146,8 +146,7 @@ class OpenAIServing:
 
     async def _serve(self, body: dict, chat: bool) -> dict | AsyncIterator[str]:
         m = self.engine.config.model
-        if isinstance(body, dict):
-            body = {**self.sampling_defaults, **body}
+        body = {**self.sampling_defaults, **body}
         if chat:
             req = parse_chat(body, self.tokenizer, m.arch.vocab_size, m.max_model_len, self.names,
                              self.tool_parser)

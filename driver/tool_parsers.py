@@ -51,10 +51,10 @@ def _partial_suffix(text: str, marker: str) -> int | None:
     return None
 
 
-class HermesToolParser:
-    name = "hermes"
-    START, END = "<tool_call>", "</tool_call>"
-    _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+class _AfterMarker:
+    """Calls that start at a marker, after optional content: `_calls(tail)` parses the text
+    from the first marker on (None: not calls, so the whole reply is content)."""
+    START = ""
 
     def tool_start(self, text: str) -> int | None:
         pos = text.find(self.START)
@@ -62,18 +62,28 @@ class HermesToolParser:
 
     def extract(self, text: str) -> tuple[str | None, list[dict]]:
         start = text.find(self.START)
-        if start < 0:
+        calls = self._calls(text[start:]) if start >= 0 else None
+        if not calls:
             return text, []
-        calls = []
-        for body in self._CALL.findall(text[start:]):
-            try:
-                call = _call_of(json.loads(body.strip()), "arguments")
-            except json.JSONDecodeError:
-                call = None
-            if call is None:
-                return text, []
-            calls.append(call)
         return text[:start].strip() or None, calls
+
+    def _calls(self, tail: str) -> list[dict] | None:
+        raise NotImplementedError
+
+
+class HermesToolParser(_AfterMarker):
+    name = "hermes"
+    START = "<tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+    def _calls(self, tail: str) -> list[dict] | None:
+        calls = []
+        for body in self._CALL.findall(tail):
+            try:
+                calls.append(_call_of(json.loads(body.strip()), "arguments"))
+            except json.JSONDecodeError:
+                return None
+        return None if None in calls else calls
 
 
 class Llama3JsonToolParser:
@@ -135,34 +145,24 @@ class PythonicToolParser:
         return tool_call(node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords})
 
 
-class MistralToolParser:
+class MistralToolParser(_AfterMarker):
     name = "mistral"
     START, ARGS = "[TOOL_CALLS]", "[ARGS]"
     skip_special_tokens = False  # the markers are special tokens
 
-    def tool_start(self, text: str) -> int | None:
-        pos = text.find(self.START)
-        return pos if pos >= 0 else _partial_suffix(text, self.START)
-
-    def extract(self, text: str) -> tuple[str | None, list[dict]]:
-        start = text.find(self.START)
-        if start < 0:
-            return text, []
+    def _calls(self, tail: str) -> list[dict] | None:
         calls = []
-        for part in text[start:].split(self.START)[1:]:
+        for part in tail.split(self.START)[1:]:
             part = part.strip()
             try:
                 if part.startswith("["):  # a JSON list of calls
-                    found = [_call_of(obj, "arguments") for obj in json.loads(part)]
+                    calls += [_call_of(obj, "arguments") for obj in json.loads(part)]
                 else:  # name[ARGS]{...}
                     name, args = part.split(self.ARGS, 1)
-                    found = [tool_call(name.strip(), json.loads(args))] if name.strip() else [None]
+                    calls.append(tool_call(name.strip(), json.loads(args)) if name.strip() else None)
             except (json.JSONDecodeError, ValueError, TypeError):
-                return text, []
-            if not found or None in found:
-                return text, []
-            calls += found
-        return text[:start].strip() or None, calls
+                return None
+        return None if None in calls else calls
 
 
 class ForcedToolCalls:

@@ -53,7 +53,7 @@ class _Parser:
             raise self.error("unbalanced ')'")
         if missing := sorted(set(self.called) - set(self.groups)):
             raise RegexError(f"regex {self.p!r}: calls to undefined groups {missing}")
-        if not _finite(node, _ending_groups(self.groups)):
+        if not _can_match(node, _groups_that_can(self.groups, empty=False), empty=False):
             raise RegexError(f"regex {self.p!r} matches nothing: its calls never end (each match "
                              f"of a group it needs calls the group again)")
         if loop := _left_recursion(self.groups):
@@ -206,43 +206,29 @@ class _Parser:
         return self.escape(in_class=True) if c == "\\" else _literal(c)
 
 
-def _finite(node, ending: set[str]) -> bool:
-    """Whether node matches some string, given the groups known to (`ending`)."""
+def _can_match(node, groups_that_can: set[str], empty: bool) -> bool:
+    """Whether node matches some string (empty: the empty string), given the groups known to."""
     kind = node[0]
     if kind == "set":
-        return bool(node[1])
+        return not empty and bool(node[1])
     if kind == "call":
-        return node[1] in ending
+        return node[1] in groups_that_can
     if kind == "rep":
-        return node[2] == 0 or _finite(node[1], ending)
-    found = [_finite(child, ending) for child in node[1]]
+        return node[2] == 0 or _can_match(node[1], groups_that_can, empty)
+    found = [_can_match(child, groups_that_can, empty) for child in node[1]]
     return all(found) if kind == "cat" else any(found)
 
 
-def _ending_groups(groups: dict) -> set[str]:
-    """The groups that match some string (a fixed point, as for a grammar's productive rules)."""
-    ending: set[str] = set()
-    while True:
-        more = {name for name, node in groups.items() if name not in ending and _finite(node, ending)}
-        if not more:
-            return ending
-        ending |= more
+def _groups_that_can(groups: dict, empty: bool) -> set[str]:
+    """The groups that match some string (empty: the empty string): a fixed point, as for a
+    grammar's productive (nullable) rules."""
+    known: set[str] = set()
+    while more := {n for n, node in groups.items() if n not in known and _can_match(node, known, empty)}:
+        known |= more
+    return known
 
 
-def _nullable(node, empty: set[str]) -> bool:
-    """Whether node matches the empty string, given the groups known to (`empty`)."""
-    kind = node[0]
-    if kind == "set":
-        return False
-    if kind == "call":
-        return node[1] in empty
-    if kind == "rep":
-        return node[2] == 0 or _nullable(node[1], empty)
-    found = [_nullable(child, empty) for child in node[1]]
-    return all(found) if kind == "cat" else any(found)
-
-
-def _first_calls(node, empty: set[str]) -> set[str]:
+def _first_calls(node, nullable: set[str]) -> set[str]:
     """The groups node may call before it matches any byte."""
     kind = node[0]
     if kind == "set":
@@ -250,11 +236,11 @@ def _first_calls(node, empty: set[str]) -> set[str]:
     if kind == "call":
         return {node[1]}
     if kind == "rep":
-        return _first_calls(node[1], empty)
+        return _first_calls(node[1], nullable)
     calls: set[str] = set()
     for child in node[1]:
-        calls |= _first_calls(child, empty)
-        if kind == "cat" and not _nullable(child, empty):
+        calls |= _first_calls(child, nullable)
+        if kind == "cat" and not _can_match(child, nullable, empty=True):
             break
     return calls
 
@@ -262,10 +248,8 @@ def _first_calls(node, empty: set[str]) -> set[str]:
 def _left_recursion(groups: dict) -> str | None:
     """A group that may call itself before matching a byte (its closure would push calls
     without end), or None."""
-    empty: set[str] = set()
-    while more := {n for n, node in groups.items() if n not in empty and _nullable(node, empty)}:
-        empty |= more
-    first = {name: _first_calls(node, empty) for name, node in groups.items()}
+    nullable = _groups_that_can(groups, empty=True)
+    first = {name: _first_calls(node, nullable) for name, node in groups.items()}
     for name in groups:
         seen, todo = set(), list(first[name])
         while todo:
